@@ -1,0 +1,22 @@
+"""Test-session setup.
+
+Triton kernels run under the interpreter when no GPU is present; the variable must be
+set before any kernel module is imported, hence at the top of this file.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
