@@ -82,9 +82,7 @@ def attnres(
     return (out * scale).to(sources[0].dtype)
 
 
-def attnres_weights(
-    sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, eps: float = DEFAULT_EPS
-) -> Tensor:
+def attnres_weights(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """The depth-attention weights ``alpha`` of one aggregation, shape ``(K, *tokens)``.
 
     Used for analysis and plots, not on the hot path (it stacks ``K`` scalars per token).
@@ -160,9 +158,7 @@ def phase2(
 # Block partition and whole-stream references
 
 
-def block_partition(
-    num_sublayers: int, num_blocks: int | None = None, block_size: int | None = None
-) -> list[range]:
+def block_partition(num_sublayers: int, num_blocks: int | None = None, block_size: int | None = None) -> list[range]:
     """Split ``L`` sublayers into blocks of ``S = ceil(L / N)`` consecutive sublayers.
 
     Exactly one of ``num_blocks`` / ``block_size`` may be given (neither: 8 blocks,
@@ -177,16 +173,11 @@ def block_partition(
     if block_size is None:
         n = min(8, num_sublayers) if num_blocks is None else num_blocks
         if n < 1 or n > num_sublayers:
-            raise ValueError(
-                f"num_blocks must be between 1 and the stream's {num_sublayers} sublayers, got {n}"
-            )
+            raise ValueError(f"num_blocks must be between 1 and the stream's {num_sublayers} sublayers, got {n}")
         block_size = math.ceil(num_sublayers / n)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return [
-        range(start, min(start + block_size, num_sublayers))
-        for start in range(0, num_sublayers, block_size)
-    ]
+    return [range(start, min(start + block_size, num_sublayers)) for start in range(0, num_sublayers, block_size)]
 
 
 @dataclass

@@ -34,9 +34,13 @@ def check_sources(sources: Sequence[Tensor], op: str) -> Tensor:
         if src.dim() < 1:
             raise ValueError(f"{op}: source {i} is a scalar; sources need a feature (last) axis")
         if src.dtype != first.dtype:
-            raise TypeError(f"{op}: source {i} has dtype {src.dtype} but source 0 has {first.dtype}; cast them to one dtype")
+            raise TypeError(
+                f"{op}: source {i} has dtype {src.dtype} but source 0 has {first.dtype}; cast them to one dtype"
+            )
         if src.device != first.device:
-            raise TypeError(f"{op}: source {i} is on {src.device} but source 0 is on {first.device}; move them to one device")
+            raise TypeError(
+                f"{op}: source {i} is on {src.device} but source 0 is on {first.device}; move them to one device"
+            )
         if src.shape != first.shape:
             raise ValueError(
                 f"{op}: source {i} has shape {tuple(src.shape)} but source 0 has {tuple(first.shape)}; "
@@ -80,10 +84,14 @@ def check_phase1(sources: Sequence[Tensor], queries: Tensor, key_gains: Tensor, 
     return first
 
 
-def check_phase2(o: Tensor, m: Tensor, l: Tensor, partial: Tensor | None, query: Tensor, key_gain: Tensor, eps: float, op: str) -> None:  # noqa: E741
+def check_phase2(
+    o: Tensor, m: Tensor, l: Tensor, partial: Tensor | None, query: Tensor, key_gain: Tensor, eps: float, op: str
+) -> None:  # noqa: E741
     for name, t in (("o", o), ("m", m), ("l", l)):
         if not isinstance(t, Tensor) or t.dtype != torch.float32 and t.dtype != torch.float64:
-            raise TypeError(f"{op}: {name} must be the fp32 phase-1 statistic, got {getattr(t, 'dtype', type(t).__name__)}")
+            raise TypeError(
+                f"{op}: {name} must be the fp32 phase-1 statistic, got {getattr(t, 'dtype', type(t).__name__)}"
+            )
     if o.dim() < 1 or m.shape != o.shape[:-1] or l.shape != o.shape[:-1]:
         raise ValueError(
             f"{op}: o must be (*tokens, d) and m, l (*tokens); got o {tuple(o.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)}. "

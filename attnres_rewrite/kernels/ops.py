@@ -74,7 +74,9 @@ block_attnres.register_autograd(_block_attnres_grad, setup_context=_block_attnre
 
 
 @torch.library.custom_op("attnres::block_phase1", mutates_args=())
-def block_phase1(sources: list[Tensor], queries: Tensor, key_gains: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def block_phase1(
+    sources: list[Tensor], queries: Tensor, key_gains: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Online-softmax statistics ``o (S,*,d), m (S,*), l (S,*)`` of S queries.
 
     Statistics are fp32 (fp64 for fp64 sources, so gradcheck can run in double).
@@ -200,7 +202,17 @@ def _phase2_grad(ctx, grad_out):
         inv = (ctx.scale / l).unsqueeze(-1)
         g_o = grad_out.float() * inv
         g_l = -(g_o * o).sum(dim=-1) / l
-        return g_o, torch.zeros_like(m), g_l, None, torch.zeros_like(query), torch.zeros_like(key_gain), None, None, None
+        return (
+            g_o,
+            torch.zeros_like(m),
+            g_l,
+            None,
+            torch.zeros_like(query),
+            torch.zeros_like(key_gain),
+            None,
+            None,
+            None,
+        )
     g_o, g_m, g_l, g_p, g_q, g_g = torch.ops.attnres.block_phase2_backward(
         grad_out.contiguous(), o, m, l, partial, query, key_gain, ctx.eps, ctx.scale
     )

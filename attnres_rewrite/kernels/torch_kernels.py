@@ -41,9 +41,7 @@ def _flat_sum(x: Tensor) -> Tensor:
 # Single-pass aggregation
 
 
-def attnres_forward(
-    sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float
-) -> Tensor:
+def attnres_forward(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float) -> Tensor:
     u = acc(query) * acc(key_gain)
     m = l = total = None
     for src in sources:
