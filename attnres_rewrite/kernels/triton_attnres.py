@@ -1,0 +1,938 @@
+"""Triton kernels for ``torch.ops.attnres.*`` (the CUDA path), forward and backward.
+
+Design (see ``docs/architecture.md`` for the op contract; notation as in
+:mod:`.torch_kernels`: ``u = w * g``, ``r_i = rsqrt(mean(v_i^2) + eps)``, ``z_i = r_i (u . v_i)``):
+
+* **Sources are never concatenated.** Every kernel takes a *pointer table*: an int64
+  tensor of ``data_ptr()`` values, loaded in the kernel and cast with
+  ``tl.pointer_type``. A rewrite keeps its L sources as separate tensors; stacking them
+  would cost a full extra read and write of all of them per aggregation.
+* **Fused forward** (``block_attnres`` and ``block_phase1`` when ``S_pad * next_pow2(d)``
+  fits a register tile, 8192 fp32 values): one program per tile of tokens holds the
+  whole feature row of each source in registers, computes its fp32 RMS, the S logits,
+  and updates S online-softmax accumulators; every source is read exactly once and
+  the output is written once.
+* **Split path** (larger rows, and every backward): a *stats* kernel loops over the
+  sources and over d-chunks (any d: masking, no power-of-two requirement) computing the
+  per-(source, query, token) scalars (RMS, logits, gradient dots), finishes the softmax
+  per token and writes per-token coefficients to a small fp32 scratch ``[K, S, T]``
+  (``S/d`` of the data size); an *apply* kernel on a 2-D grid (token groups x d-chunks)
+  then streams the sources once more and produces outputs / gradients from those
+  coefficients. So the split forward reads the sources twice (stats pass, accumulate
+  pass) and the backward reads them twice as well -- which the op contract forces
+  anyway: ``block_attnres_backward`` gets ``out``, not the log-sum-exp, so the
+  logits must be recomputed before any gradient can be formed (see the report: saving
+  a per-token LSE in the forward would allow a fused single-read backward for rows
+  that fit in registers).
+* **Query / gain gradients** are reduced deterministically in two stages: each program
+  of the apply kernel accumulates its ``[S, d-chunk]`` partial sum in registers over
+  all of its tokens and writes it once to ``partial[group, S, d]``; the launcher sums
+  over groups with ``torch.sum``. No atomics: the result is bitwise reproducible run to
+  run (useful for training-loss comparisons and bisection), and the number of groups
+  is small (a few per SM), so the buffer is a negligible fraction of the traffic and
+  the second stage costs one tiny reduction.
+* Everything is accumulated in fp32; bf16/fp16 values are converted to fp32 right
+  after the load (the interpreter's bf16 arithmetic is not IEEE). fp64 inputs are
+  routed to the PyTorch kernels (the contract promises fp64 statistics for them,
+  used by gradcheck; the Triton kernels are fp32 machines).
+* Launch configuration comes from shape heuristics (:func:`_fused_config`,
+  :func:`_chunk_config`); under ``TRITON_INTERPRET=1`` larger token tiles are used so
+  that tests run few (slow) interpreted program instances.
+
+The launchers accept CPU tensors, so the tests run them under ``TRITON_INTERPRET=1``.
+Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import torch_kernels as K
+from .checks import check_aggregate, check_phase1, check_phase2
+
+FUSED_MAX_ELEMS = 8192  # fp32 accumulator values per program in the fused forward
+CHUNK_ELEMS = 4096  # elements of a [S_pad, BT, BD] tile in the split kernels
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _warps(elems: int) -> int:
+    """Warps for a tile of ``elems`` fp32 values: about 16-32 values per thread."""
+    if elems <= 1024:
+        return 2
+    if elems <= 2048:
+        return 4
+    if elems <= 8192:
+        return 8
+    return 16
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _fused_config(s_pad: int, d: int, t: int) -> tuple[int, int, int] | None:
+    """(BT, BD, num_warps) for the fused forward, or None when a row does not fit.
+
+    A program holds ``S_pad * BT * BD`` fp32 accumulators plus one ``BT x BD`` source tile;
+    ``FUSED_MAX_ELEMS`` keeps that within ~32-64 registers per thread at 8-16 warps. The
+    token tile grows while the accumulator stays within budget (fewer, fatter programs for
+    small d keep the loads wide); under the interpreter it grows further to cut the
+    number of program instances.
+    """
+    bd = _pow2(d)
+    if s_pad * bd > FUSED_MAX_ELEMS:
+        return None
+    budget = (1 << 16) if _interpret() else FUSED_MAX_ELEMS
+    bt = 1
+    cap = 64 if _interpret() else 16
+    while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
+        bt *= 2
+    return bt, bd, _warps(s_pad * bt * bd)
+
+
+def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None) -> tuple[int, int, int]:
+    """(BT, BD, num_warps) for the split kernels: d-chunks of up to 512 (or ``block_d``)."""
+    bd = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
+    budget = (1 << 15) if _interpret() else CHUNK_ELEMS
+    bt = 1
+    cap = 64 if _interpret() else 32
+    while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
+        bt *= 2
+    while s_pad * bt * bd > budget and bd > 16:
+        bd //= 2
+    return bt, bd, _warps(s_pad * bt * bd)
+
+
+def _ptr_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """int64 tensor of data pointers (read in the kernel, cast with ``tl.pointer_type``)."""
+    return torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64, device=device)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.contiguous()
+
+
+# ======================================================================================
+# Kernels
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    tab,
+    first,
+    U,
+    out,
+    m_out,
+    l_out,
+    num_src,
+    T,
+    D,
+    S,
+    eps,
+    scale,
+    S_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    PHASE1: tl.constexpr,
+):
+    """One token tile, whole rows in registers: each source read once, output written once.
+
+    ``PHASE1``: write the unnormalised ``o`` (fp32) and ``m, l`` for S queries; otherwise
+    write ``scale * o / l`` in the output's dtype (S = 1).
+    """
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
+    dd = tl.arange(0, BD)
+    s = tl.arange(0, S_PAD)
+    tmask = t < T
+    dmask = dd < D
+    smask = s < S
+    offs = t64[:, None] * D + dd[None, :]
+    mask2 = tmask[:, None] & dmask[None, :]
+    u = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    m = tl.full([S_PAD, BT], float("-inf"), tl.float32)
+    l = tl.zeros([S_PAD, BT], tl.float32)
+    acc = tl.zeros([S_PAD, BT, BD], tl.float32)
+    for i in range(num_src):
+        src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        z = tl.sum(v[None, :, :] * u[:, None, :], 2) * r[None, :]
+        m_new = tl.maximum(m, z)
+        a = tl.exp(m - m_new)
+        b = tl.exp(z - m_new)
+        acc = acc * a[:, :, None] + b[:, :, None] * v[None, :, :]
+        l = l * a + b
+        m = m_new
+    st = s[:, None].to(tl.int64) * T + t64[None, :]
+    stmask = smask[:, None] & tmask[None, :]
+    o_off = st[:, :, None] * D + dd[None, None, :]
+    o_mask = stmask[:, :, None] & dmask[None, None, :]
+    if PHASE1:
+        tl.store(out + o_off, acc, mask=o_mask)
+        tl.store(m_out + st, m, mask=stmask)
+        tl.store(l_out + st, l, mask=stmask)
+    else:
+        res = acc * (scale / l)[:, :, None]
+        tl.store(out + o_off, res.to(out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _stats_kernel(
+    tab,
+    first,
+    U,
+    G,
+    O,
+    m_io,
+    l_io,
+    gm,
+    gl,
+    Z,
+    DG,
+    R,
+    num_src,
+    T,
+    D,
+    S,
+    eps,
+    scale,
+    S_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    """Per-token statistics over all sources, streamed in d-chunks; writes coefficients.
+
+    MODE 0 (block_attnres forward): ``Z[i] <- scale * softmax weight``.
+    MODE 1 (phase 1 forward): ``Z[i] <- e^{z_i - m}``; writes ``m, l``.
+    MODE 2 (block_attnres backward) and MODE 3 (phase 1 backward): the coefficients of
+    ``grad v_i = sum_s Z[i,s] G[s] + sum_s DG[i,s] u_s + R[i] v_i`` and
+    ``grad u_s = sum_t DG[i,s] v_i`` (``Z = dh/dv`` weight, ``DG = gz * r``,
+    ``R = -r^2/d sum_s gz z``). ``G`` is grad_out (MODE 2) / grad_o (MODE 3), ``O`` is
+    out / o. Phase 1's max term (``grad_m - grad_o.o - grad_l l``) goes to the first
+    source attaining the recomputed maximum.
+    """
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
+    s = tl.arange(0, S_PAD)
+    tmask = t < T
+    smask = s < S
+    st = s[:, None].to(tl.int64) * T + t64[None, :]
+    stmask = smask[:, None] & tmask[None, :]
+    KST = S * T  # scratch stride per source (int32 is ample: K*S*T << 2^31)
+    HAS_G: tl.constexpr = MODE >= 2
+    m = tl.full([S_PAD, BT], float("-inf"), tl.float32)
+    l = tl.zeros([S_PAD, BT], tl.float32)
+    amax = tl.zeros([S_PAD, BT], tl.int32)
+    for i in range(num_src):
+        src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        ss = tl.zeros([BT], tl.float32)
+        du = tl.zeros([S_PAD, BT], tl.float32)
+        dg = tl.zeros([S_PAD, BT], tl.float32)
+        for c in range(0, D, BD):
+            dd = c + tl.arange(0, BD)
+            dmask = dd < D
+            v = tl.load(src + t64[:, None] * D + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            v = v.to(tl.float32)
+            ss += tl.sum(v * v, 1)
+            uc = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+            du += tl.sum(v[None, :, :] * uc[:, None, :], 2)
+            if HAS_G:
+                g_off = st[:, :, None] * D + dd[None, None, :]
+                g_mask = stmask[:, :, None] & dmask[None, None, :]
+                gc = tl.load(G + g_off, mask=g_mask, other=0.0).to(tl.float32)
+                dg += tl.sum(gc * v[None, :, :], 2)
+        r = tl.rsqrt(ss / D + eps)
+        z = du * r[None, :]
+        tl.store(Z + i * KST + st, z, mask=stmask)
+        if HAS_G:
+            tl.store(DG + i * KST + st, dg, mask=stmask)
+            tl.store(R + i * T + t64, r, mask=tmask)
+        if MODE == 3:
+            amax = tl.where(z > m, i, amax)
+        m_new = tl.maximum(m, z)
+        l = l * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    tl.debug_barrier()  # the scratch rows written above are read back below, by other threads
+    if MODE == 1:
+        tl.store(m_io + st, m, mask=stmask)
+        tl.store(l_io + st, l, mask=stmask)
+    if MODE <= 1:
+        coef = tl.full([S_PAD, BT], 1.0, tl.float32)
+        if MODE == 0:
+            coef = scale / l
+        for i in range(num_src):
+            z = tl.load(Z + i * KST + st, mask=stmask, other=0.0)
+            tl.store(Z + i * KST + st, tl.exp(z - m) * coef, mask=stmask)
+    else:
+        # grad_out . out (MODE 2) / grad_o . o (MODE 3), per query and token
+        go_o = tl.zeros([S_PAD, BT], tl.float32)
+        for c in range(0, D, BD):
+            dd = c + tl.arange(0, BD)
+            dmask = dd < D
+            g_off = st[:, :, None] * D + dd[None, None, :]
+            g_mask = stmask[:, :, None] & dmask[None, None, :]
+            gc = tl.load(G + g_off, mask=g_mask, other=0.0).to(tl.float32)
+            oc = tl.load(O + g_off, mask=g_mask, other=0.0).to(tl.float32)
+            go_o += tl.sum(gc * oc, 2)
+        if MODE == 3:
+            m = tl.load(m_io + st, mask=stmask, other=0.0)
+            lsv = tl.load(l_io + st, mask=stmask, other=1.0)
+            gls = tl.load(gl + st, mask=stmask, other=0.0)
+            peak_grad = tl.load(gm + st, mask=stmask, other=0.0) - go_o - gls * lsv
+        for i in range(num_src):
+            z = tl.load(Z + i * KST + st, mask=stmask, other=0.0)
+            dg = tl.load(DG + i * KST + st, mask=stmask, other=0.0)
+            r = tl.load(R + i * T + t64, mask=tmask, other=0.0)
+            p = tl.exp(z - m)
+            if MODE == 2:
+                alpha = p / l
+                gz = alpha * (scale * dg - go_o)
+                cg = scale * alpha
+            else:
+                gz = p * (dg + gls) + tl.where(amax == i, peak_grad, 0.0)
+                cg = p
+            tl.store(Z + i * KST + st, cg, mask=stmask)
+            tl.store(DG + i * KST + st, gz * r[None, :], mask=stmask)
+            tl.store(R + i * T + t64, -tl.sum(gz * z, 0) * r * r / D, mask=tmask)
+
+
+@triton.jit
+def _apply_fwd_kernel(
+    tab,
+    first,
+    W,
+    out,
+    num_src,
+    T,
+    D,
+    S,
+    S_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """``out[s, t, chunk] = sum_i W[i, s, t] v_i[t, chunk]`` on a (token tile, d-chunk) grid."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    s = tl.arange(0, S_PAD)
+    tmask = t < T
+    dmask = dd < D
+    smask = s < S
+    st = s[:, None].to(tl.int64) * T + t64[None, :]
+    stmask = smask[:, None] & tmask[None, :]
+    KST = S * T  # scratch stride per source (int32 is ample: K*S*T << 2^31)
+    offs = t64[:, None] * D + dd[None, :]
+    mask2 = tmask[:, None] & dmask[None, :]
+    acc = tl.zeros([S_PAD, BT, BD], tl.float32)
+    for i in range(num_src):
+        src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+        w = tl.load(W + i * KST + st, mask=stmask, other=0.0)
+        acc += w[:, :, None] * v[None, :, :]
+    o_off = st[:, :, None] * D + dd[None, None, :]
+    o_mask = stmask[:, :, None] & dmask[None, None, :]
+    tl.store(out + o_off, acc.to(out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _apply_bwd_kernel(
+    tab,
+    first,
+    gtab,
+    gfirst,
+    U,
+    G,
+    CG,
+    CU,
+    CV,
+    partial,
+    num_src,
+    T,
+    D,
+    S,
+    num_tiles,
+    NG,
+    S_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Source gradients from per-token coefficients, plus a partial ``grad u`` per program.
+
+    Grid (token groups, d-chunks); a program visits token tiles ``g, g + NG, ...`` so that
+    its ``[S, d-chunk]`` partial sum of ``grad u`` stays in registers and is written once.
+    """
+    g = tl.program_id(0)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    s = tl.arange(0, S_PAD)
+    dmask = dd < D
+    smask = s < S
+    KST = S * T  # scratch stride per source (int32 is ample: K*S*T << 2^31)
+    u = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    gu = tl.zeros([S_PAD, BD], tl.float32)
+    for tile in range(g, num_tiles, NG):
+        t = tile * BT + tl.arange(0, BT)
+        t64 = t.to(tl.int64)
+        tmask = t < T
+        st = s[:, None].to(tl.int64) * T + t64[None, :]
+        stmask = smask[:, None] & tmask[None, :]
+        offs = t64[:, None] * D + dd[None, :]
+        mask2 = tmask[:, None] & dmask[None, :]
+        gc = tl.load(
+            G + st[:, :, None] * D + dd[None, None, :], mask=stmask[:, :, None] & dmask[None, None, :], other=0.0
+        )
+        gc = gc.to(tl.float32)
+        for i in range(num_src):
+            src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            dst = tl.load(gtab + i).to(tl.pointer_type(gfirst.dtype.element_ty))
+            v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+            cg = tl.load(CG + i * KST + st, mask=stmask, other=0.0)
+            cu = tl.load(CU + i * KST + st, mask=stmask, other=0.0)
+            cv = tl.load(CV + i * T + t64, mask=tmask, other=0.0)
+            gv = tl.sum(cg[:, :, None] * gc, 0) + tl.sum(cu[:, :, None] * u[:, None, :], 0) + cv[:, None] * v
+            tl.store(dst + offs, gv.to(gfirst.dtype.element_ty), mask=mask2)
+            gu += tl.sum(cu[:, :, None] * v[None, :, :], 1)
+    p_off = (g * S + s[:, None]).to(tl.int64) * D + dd[None, :]
+    tl.store(partial + p_off, gu, mask=smask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _phase2_fwd_kernel(
+    O,
+    m_in,
+    l_in,
+    P,
+    U,
+    out,
+    T,
+    D,
+    eps,
+    scale,
+    HAS_P: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Merge phase-1 ``(o, m, l)`` with the partial sum's own logit; one output write.
+
+    With ``ONE_CHUNK`` the partial-sum row is held in registers (read once); otherwise a
+    stats pass over d-chunks precedes the output pass (the partial sum is read twice).
+    """
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t64 = t.to(tl.int64)
+    tmask = t < T
+    mm = tl.load(m_in + t64, mask=tmask, other=0.0)
+    ll = tl.load(l_in + t64, mask=tmask, other=1.0)
+    if ONE_CHUNK:
+        dd = tl.arange(0, BD)
+        dmask = dd < D
+        offs = t64[:, None] * D + dd[None, :]
+        mask2 = tmask[:, None] & dmask[None, :]
+        ov = tl.load(O + offs, mask=mask2, other=0.0)
+        if HAS_P:
+            u = tl.load(U + dd, mask=dmask, other=0.0)
+            pv = tl.load(P + offs, mask=mask2, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(pv * pv, 1) / D + eps)
+            z2 = tl.sum(pv * u[None, :], 1) * r
+            peak = tl.maximum(mm, z2)
+            a1 = tl.exp(mm - peak)
+            a2 = tl.exp(z2 - peak)
+            inv = scale / (a1 * ll + a2)
+            res = (a1 * inv)[:, None] * ov + (a2 * inv)[:, None] * pv
+        else:
+            res = (scale / ll)[:, None] * ov
+        tl.store(out + offs, res.to(out.dtype.element_ty), mask=mask2)
+    else:
+        c1 = scale / ll
+        c2 = tl.zeros([BT], tl.float32)
+        if HAS_P:
+            ss = tl.zeros([BT], tl.float32)
+            du = tl.zeros([BT], tl.float32)
+            for c in range(0, D, BD):
+                dd = c + tl.arange(0, BD)
+                dmask = dd < D
+                u = tl.load(U + dd, mask=dmask, other=0.0)
+                pv = tl.load(P + t64[:, None] * D + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+                pv = pv.to(tl.float32)
+                ss += tl.sum(pv * pv, 1)
+                du += tl.sum(pv * u[None, :], 1)
+            z2 = du * tl.rsqrt(ss / D + eps)
+            peak = tl.maximum(mm, z2)
+            a1 = tl.exp(mm - peak)
+            a2 = tl.exp(z2 - peak)
+            inv = scale / (a1 * ll + a2)
+            c1 = a1 * inv
+            c2 = a2 * inv
+        for c in range(0, D, BD):
+            dd = c + tl.arange(0, BD)
+            dmask = dd < D
+            offs = t64[:, None] * D + dd[None, :]
+            mask2 = tmask[:, None] & dmask[None, :]
+            res = c1[:, None] * tl.load(O + offs, mask=mask2, other=0.0)
+            if HAS_P:
+                res += c2[:, None] * tl.load(P + offs, mask=mask2, other=0.0).to(tl.float32)
+            tl.store(out + offs, res.to(out.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _phase2_bwd_kernel(
+    GO,
+    O,
+    m_in,
+    l_in,
+    P,
+    U,
+    g_o,
+    g_m,
+    g_l,
+    g_p,
+    partial,
+    T,
+    D,
+    num_tiles,
+    NG,
+    eps,
+    scale,
+    ONE_CHUNK: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Gradients of the phase-2 merge (formulas in ``torch_kernels.phase2_backward``).
+
+    Program ``g`` visits token tiles ``g, g + NG, ...``; per tile a reduction pass gives
+    ``|p|^2, u.p, go.o, go.p`` and a write pass emits ``g_o, g_p``. ``grad u`` is summed
+    per program into ``partial[g]`` (registers with ``ONE_CHUNK``, else a program-owned
+    row updated in place), then over programs by the launcher: deterministic.
+    """
+    g = tl.program_id(0)
+    if ONE_CHUNK:
+        dd = tl.arange(0, BD)
+        dmask = dd < D
+        u = tl.load(U + dd, mask=dmask, other=0.0)
+        gu = tl.zeros([BD], tl.float32)
+    for tile in range(g, num_tiles, NG):
+        t = tile * BT + tl.arange(0, BT)
+        t64 = t.to(tl.int64)
+        tmask = t < T
+        mm = tl.load(m_in + t64, mask=tmask, other=0.0)
+        ll = tl.load(l_in + t64, mask=tmask, other=1.0)
+        if ONE_CHUNK:
+            offs = t64[:, None] * D + dd[None, :]
+            mask2 = tmask[:, None] & dmask[None, :]
+            pv = tl.load(P + offs, mask=mask2, other=0.0).to(tl.float32)
+            ov = tl.load(O + offs, mask=mask2, other=0.0)
+            gov = tl.load(GO + offs, mask=mask2, other=0.0).to(tl.float32)
+            ss = tl.sum(pv * pv, 1)
+            du = tl.sum(pv * u[None, :], 1)
+            gdo = tl.sum(gov * ov, 1)
+            gdp = tl.sum(gov * pv, 1)
+        else:
+            ss = tl.zeros([BT], tl.float32)
+            du = tl.zeros([BT], tl.float32)
+            gdo = tl.zeros([BT], tl.float32)
+            gdp = tl.zeros([BT], tl.float32)
+            for c in range(0, D, BD):
+                dc = c + tl.arange(0, BD)
+                dm = dc < D
+                offc = t64[:, None] * D + dc[None, :]
+                mc = tmask[:, None] & dm[None, :]
+                pc = tl.load(P + offc, mask=mc, other=0.0).to(tl.float32)
+                oc = tl.load(O + offc, mask=mc, other=0.0)
+                gc = tl.load(GO + offc, mask=mc, other=0.0).to(tl.float32)
+                uc = tl.load(U + dc, mask=dm, other=0.0)
+                ss += tl.sum(pc * pc, 1)
+                du += tl.sum(pc * uc[None, :], 1)
+                gdo += tl.sum(gc * oc, 1)
+                gdp += tl.sum(gc * pc, 1)
+        r = tl.rsqrt(ss / D + eps)
+        z2 = du * r
+        peak = tl.maximum(mm, z2)
+        a1 = tl.exp(mm - peak)
+        a2 = tl.exp(z2 - peak)
+        den = a1 * ll + a2
+        go_h = (a1 * gdo + a2 * gdp) * scale / den
+        tl.store(g_l + t64, -go_h * a1 / den, mask=tmask)
+        tl.store(g_m + t64, a1 / den * (scale * gdo - go_h * ll), mask=tmask)
+        gz = a2 / den * (scale * gdp - go_h)
+        co = scale * a1 / den
+        cp = scale * a2 / den
+        cu = gz * r
+        cv = -gz * z2 * r * r / D
+        if ONE_CHUNK:
+            tl.store(g_o + offs, co[:, None] * gov, mask=mask2)
+            gp = cp[:, None] * gov + cu[:, None] * u[None, :] + cv[:, None] * pv
+            tl.store(g_p + offs, gp.to(g_p.dtype.element_ty), mask=mask2)
+            gu += tl.sum(cu[:, None] * pv, 0)
+        else:
+            for c in range(0, D, BD):
+                dc = c + tl.arange(0, BD)
+                dm = dc < D
+                offc = t64[:, None] * D + dc[None, :]
+                mc = tmask[:, None] & dm[None, :]
+                pc = tl.load(P + offc, mask=mc, other=0.0).to(tl.float32)
+                gc = tl.load(GO + offc, mask=mc, other=0.0).to(tl.float32)
+                uc = tl.load(U + dc, mask=dm, other=0.0)
+                tl.store(g_o + offc, co[:, None] * gc, mask=mc)
+                gp = cp[:, None] * gc + cu[:, None] * uc[None, :] + cv[:, None] * pc
+                tl.store(g_p + offc, gp.to(g_p.dtype.element_ty), mask=mc)
+                row = partial + g.to(tl.int64) * D + dc
+                tl.store(row, tl.load(row, mask=dm, other=0.0) + tl.sum(cu[:, None] * pc, 0), mask=dm)
+    if ONE_CHUNK:
+        tl.store(partial + g.to(tl.int64) * D + dd, gu, mask=dmask)
+
+
+# ======================================================================================
+# Launchers (accept CPU tensors under TRITON_INTERPRET=1)
+
+
+def _u(query: Tensor, key_gain: Tensor) -> Tensor:
+    """``u = w * g`` in fp32, contiguous (the only way the query and gain enter the logits)."""
+    return (query.float() * key_gain.float()).contiguous()
+
+
+def _groups(num_tiles: int, chunks: int, device: torch.device) -> int:
+    """Token groups for the deterministic two-stage reduction: ~4 programs per SM in total."""
+    if device.type != "cuda":
+        return max(1, min(num_tiles, 4))
+    return max(1, min(num_tiles, triton.cdiv(4 * _num_sms(device), chunks)))
+
+
+def _forward(
+    sources: Sequence[Tensor],
+    u: Tensor,
+    eps: float,
+    scale: float,
+    phase1: bool,
+    block_d: int | None,
+    fused: bool | None,
+):
+    srcs = [_flat(x) for x in sources]
+    first = srcs[0]
+    d = first.shape[-1]
+    t = first.numel() // max(d, 1)
+    s = u.shape[0]
+    s_pad = _pow2(s)
+    dev = first.device
+    tab = _ptr_table(srcs, dev)
+    if phase1:
+        out = torch.empty((s, *first.shape), dtype=torch.float32, device=dev)
+        m = torch.empty((s, *first.shape[:-1]), dtype=torch.float32, device=dev)
+        l = torch.empty_like(m)  # noqa: E741
+    else:
+        out = torch.empty_like(first)
+        m = l = out  # unused  # noqa: E741
+    if t == 0 or d == 0:
+        if phase1:
+            out.zero_()
+            m.fill_(float("-inf") if d == 0 else 0.0)
+            l.fill_(float(len(srcs)))
+        return (out, m, l) if phase1 else out
+    cfg = _fused_config(s_pad, d, t) if fused is not False and block_d is None else None
+    if cfg is not None:
+        bt, bd, nw = cfg
+        _fused_fwd_kernel[(triton.cdiv(t, bt),)](
+            tab,
+            first,
+            u,
+            out,
+            m,
+            l,
+            len(srcs),
+            t,
+            d,
+            s,
+            eps,
+            scale,
+            S_PAD=s_pad,
+            BT=bt,
+            BD=bd,
+            PHASE1=phase1,
+            num_warps=nw,
+        )
+    else:
+        bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+        z = torch.empty((len(srcs), s, t), dtype=torch.float32, device=dev)
+        _stats_kernel[(triton.cdiv(t, bt),)](
+            tab, first, u, u, u, m, l, m, l, z, z, z, len(srcs), t, d, s, eps, scale,
+            S_PAD=s_pad, BT=bt, BD=bd, MODE=1 if phase1 else 0, num_warps=nw,
+        )  # fmt: skip
+        _apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+            tab, first, z, out, len(srcs), t, d, s, S_PAD=s_pad, BT=bt, BD=bd, num_warps=nw
+        )
+    return (out, m, l) if phase1 else out
+
+
+def _backward(
+    grads_in: Tensor,
+    outs: Tensor,
+    sources: Sequence[Tensor],
+    u: Tensor,
+    eps: float,
+    scale: float,
+    mode: int,
+    m: Tensor | None,
+    l: Tensor | None,  # noqa: E741
+    gm: Tensor | None,
+    gl: Tensor | None,
+    block_d: int | None,
+) -> tuple[list[Tensor], Tensor]:
+    """Source gradients and ``grad u`` (S, d) for block_attnres (mode 2) / phase 1 (mode 3)."""
+    srcs = [_flat(x) for x in sources]
+    first = srcs[0]
+    d = first.shape[-1]
+    t = first.numel() // max(d, 1)
+    s = u.shape[0]
+    s_pad = _pow2(s)
+    dev = first.device
+    grads = [torch.empty_like(x) for x in srcs]
+    if t == 0 or d == 0:
+        for x in grads:
+            x.zero_()
+        return grads, torch.zeros_like(u)
+    bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+    k = len(srcs)
+    z = torch.empty((k, s, t), dtype=torch.float32, device=dev)
+    dg = torch.empty_like(z)
+    r = torch.empty((k, t), dtype=torch.float32, device=dev)
+    dummy = z
+    _stats_kernel[(triton.cdiv(t, bt),)](
+        _ptr_table(srcs, dev), first, u, grads_in, outs,
+        dummy if m is None else m, dummy if l is None else l,
+        dummy if gm is None else gm, dummy if gl is None else gl,
+        z, dg, r, k, t, d, s, eps, scale, S_PAD=s_pad, BT=bt, BD=bd, MODE=mode, num_warps=nw,
+    )  # fmt: skip
+    num_tiles = triton.cdiv(t, bt)
+    chunks = triton.cdiv(d, bd)
+    ng = _groups(num_tiles, chunks, dev)
+    partial = torch.empty((ng, s, d), dtype=torch.float32, device=dev)
+    _apply_bwd_kernel[(ng, chunks)](
+        _ptr_table(srcs, dev), first, _ptr_table(grads, dev), grads[0], u, grads_in, z, dg, r, partial,
+        k, t, d, s, num_tiles, ng, S_PAD=s_pad, BT=bt, BD=bd, num_warps=nw,
+    )  # fmt: skip
+    return grads, partial.sum(dim=0)
+
+
+# --- public launchers -----------------------------------------------------------------
+
+
+def attnres_forward(
+    sources: Sequence[Tensor],
+    query: Tensor,
+    key_gain: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_d: int | None = None,
+    fused: bool | None = None,
+) -> Tensor:
+    """Triton ``block_attnres``; ``block_d``/``fused=False`` force the split path (tests)."""
+    if sources[0].dtype == torch.float64:
+        return K.attnres_forward(sources, query, key_gain, eps, scale)
+    return _forward(sources, _u(query, key_gain)[None], eps, scale, False, block_d, fused)
+
+
+def attnres_backward(
+    grad_out: Tensor,
+    out: Tensor,
+    sources: Sequence[Tensor],
+    query: Tensor,
+    key_gain: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_d: int | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Triton ``block_attnres_backward`` (recomputes the logits; two reads of each source)."""
+    if sources[0].dtype == torch.float64:
+        return K.attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+    grads, gu = _backward(
+        _flat(grad_out), _flat(out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
+    )
+    gu = gu[0]
+    return grads, (gu * key_gain.float()).to(query.dtype), (gu * query.float()).to(key_gain.dtype)
+
+
+def phase1_forward(
+    sources: Sequence[Tensor],
+    queries: Tensor,
+    key_gains: Tensor,
+    eps: float,
+    *,
+    block_d: int | None = None,
+    fused: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton ``block_phase1``: S queries over the shared sources, one launch."""
+    if sources[0].dtype == torch.float64:
+        return K.phase1_forward(sources, queries, key_gains, eps)
+    return _forward(sources, _u(queries, key_gains), eps, 1.0, True, block_d, fused)
+
+
+def phase1_backward(
+    grad_o: Tensor | None,
+    grad_m: Tensor | None,
+    grad_l: Tensor | None,
+    sources: Sequence[Tensor],
+    queries: Tensor,
+    key_gains: Tensor,
+    o: Tensor,
+    m: Tensor,
+    l: Tensor,  # noqa: E741
+    eps: float,
+    *,
+    block_d: int | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Triton ``block_phase1_backward`` from the saved ``o, m, l``; missing grads are zeros."""
+    if sources[0].dtype == torch.float64:
+        return K.phase1_backward(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps)
+    go = torch.zeros_like(o) if grad_o is None else _flat(grad_o)
+    gm = torch.zeros_like(m) if grad_m is None else _flat(grad_m).float()
+    gl = torch.zeros_like(l) if grad_l is None else _flat(grad_l).float()
+    grads, gu = _backward(
+        go, _flat(o), sources, _u(queries, key_gains), eps, 1.0, 3, _flat(m), _flat(l), gm, gl, block_d
+    )
+    return grads, (gu * key_gains.float()).to(queries.dtype), (gu * queries.float()).to(key_gains.dtype)
+
+
+def _p2_config(d: int, t: int, block_d: int | None) -> tuple[int, int, bool, int]:
+    if block_d is None and _pow2(d) <= FUSED_MAX_ELEMS:
+        bd = _pow2(d)
+        one = True
+    else:
+        bd = min(_pow2(d), 1024) if block_d is None else _pow2(block_d)
+        one = bd >= d
+    budget = (1 << 16) if _interpret() else 4096
+    cap = 64 if _interpret() else 16
+    bt = 1
+    while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
+        bt *= 2
+    return bt, bd, one, _warps(bt * bd)
+
+
+def phase2_forward(
+    o: Tensor,
+    m: Tensor,
+    l: Tensor,  # noqa: E741
+    partial: Tensor | None,
+    query: Tensor,
+    key_gain: Tensor,
+    eps: float,
+    scale: float,
+    out_dtype: torch.dtype,
+    *,
+    block_d: int | None = None,
+) -> Tensor:
+    """Triton ``block_phase2``: fused merge + partial-sum attention, one output write."""
+    if o.dtype == torch.float64 or (partial is not None and partial.dtype == torch.float64):
+        return K.phase2_forward(o, m, l, partial, query, key_gain, eps, scale, out_dtype)
+    o, m, l = _flat(o), _flat(m), _flat(l)  # noqa: E741
+    d = o.shape[-1]
+    t = o.numel() // max(d, 1)
+    out = torch.empty(o.shape, dtype=out_dtype, device=o.device)
+    if t == 0 or d == 0:
+        return out
+    p = _flat(partial) if partial is not None else o
+    bt, bd, one, nw = _p2_config(d, t, block_d)
+    _phase2_fwd_kernel[(triton.cdiv(t, bt),)](
+        o, m, l, p, _u(query, key_gain), out, t, d, eps, scale,
+        HAS_P=partial is not None, ONE_CHUNK=one, BT=bt, BD=bd, num_warps=nw,
+    )  # fmt: skip
+    return out
+
+
+def phase2_backward(
+    grad_out: Tensor,
+    o: Tensor,
+    m: Tensor,
+    l: Tensor,  # noqa: E741
+    partial: Tensor,
+    query: Tensor,
+    key_gain: Tensor,
+    eps: float,
+    scale: float,
+    *,
+    block_d: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Triton ``block_phase2_backward``: one kernel, deterministic two-stage ``grad u``."""
+    if partial is None or o.dtype == torch.float64 or partial.dtype == torch.float64:
+        return K.phase2_backward(grad_out, o, m, l, partial, query, key_gain, eps, scale)
+    go, o, m, l, p = _flat(grad_out), _flat(o), _flat(m), _flat(l), _flat(partial)  # noqa: E741
+    d = o.shape[-1]
+    t = o.numel() // max(d, 1)
+    g_o = torch.empty_like(o)
+    g_m = torch.empty_like(m)
+    g_l = torch.empty_like(l)
+    g_p = torch.empty_like(p)
+    if t == 0 or d == 0:
+        z = torch.zeros_like(query)
+        return g_o.zero_(), g_m.zero_(), g_l.zero_(), g_p.zero_(), z, torch.zeros_like(key_gain)
+    bt, bd, one, nw = _p2_config(d, t, block_d)
+    num_tiles = triton.cdiv(t, bt)
+    ng = _groups(num_tiles, 1, o.device)
+    part = torch.zeros((ng, d), dtype=torch.float32, device=o.device)
+    _phase2_bwd_kernel[(ng,)](
+        go, o, m, l, p, _u(query, key_gain), g_o, g_m, g_l, g_p, part, t, d, num_tiles, ng, eps, scale,
+        ONE_CHUNK=one, BT=bt, BD=bd, num_warps=nw,
+    )  # fmt: skip
+    gu = part.sum(dim=0)
+    return g_o, g_m, g_l, g_p, (gu * key_gain.float()).to(query.dtype), (gu * query.float()).to(key_gain.dtype)
+
+
+# ======================================================================================
+# Registration as the CUDA kernels of torch.ops.attnres.*
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register every launcher as the ``cuda`` kernel of its op (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from . import ops
+
+    @ops.block_attnres.register_kernel("cuda")
+    def _(sources, query, key_gain, eps, scale):
+        check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
+        return attnres_forward(sources, query, key_gain, eps, scale)
+
+    @ops.block_attnres_backward.register_kernel("cuda")
+    def _(grad_out, out, sources, query, key_gain, eps, scale):
+        return attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+
+    @ops.block_phase1.register_kernel("cuda")
+    def _(sources, queries, key_gains, eps):
+        check_phase1(sources, queries, key_gains, eps, "attnres.block_phase1")
+        return phase1_forward(sources, queries, key_gains, eps)
+
+    @ops.block_phase1_backward.register_kernel("cuda")
+    def _(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps):  # noqa: E741
+        return phase1_backward(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps)
+
+    @ops.block_phase2.register_kernel("cuda")
+    def _(o, m, l, partial, query, key_gain, eps, scale, out_dtype):  # noqa: E741
+        check_phase2(o, m, l, partial, query, key_gain, eps, "attnres.block_phase2")
+        return phase2_forward(o, m, l, partial, query, key_gain, eps, scale, out_dtype)
+
+    @ops.block_phase2_backward.register_kernel("cuda")
+    def _(grad_out, o, m, l, partial, query, key_gain, eps, scale):  # noqa: E741
+        return phase2_backward(grad_out, o, m, l, partial, query, key_gain, eps, scale)
+
+    _REGISTERED = True
