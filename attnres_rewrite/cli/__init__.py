@@ -1,0 +1,1 @@
+"""The ``attnres`` command line (``attnres_rewrite.cli.app:main``); see docs/cli.md."""

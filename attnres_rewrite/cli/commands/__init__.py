@@ -1,0 +1,1 @@
+"""One module per command: ``run(...)`` does the work and prints the JSON or the human view."""

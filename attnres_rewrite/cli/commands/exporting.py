@@ -1,0 +1,59 @@
+"""``attnres export``: ONNX export of the converted model, verified in onnxruntime.
+
+The converted model comes from ``--adapter`` (the conversion the user saved) or is
+converted on the fly with the conversion flags; the two are exclusive so an export can
+never silently mix an adapter with different settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import common, output
+
+
+def run(
+    spec: str,
+    out: Path,
+    *,
+    adapter: Path | None,
+    options: common.ConversionOptions,
+    opset: int | None,
+    as_function: bool,
+    dynamic: bool,
+    verify: bool,
+    force: bool,
+    batch: int | None,
+    seq_len: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    common.ensure_output_free(out, force=force, kind="file")
+    if out.suffix != ".onnx":
+        output.note(f"{out} does not end in .onnx; writing ONNX anyway")
+    resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
+    converted = common.converted_model(resolved, adapter, options)
+    onnx = common.backend("onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify}
+    if opset is not None:
+        kwargs["opset"] = opset
+    with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")):
+        report = onnx.export_onnx(converted, resolved.example_inputs, out, **kwargs)
+    payload = {"model": spec, "adapter": str(adapter) if adapter else None, **_report_dict(report)}
+    payload.setdefault("onnx_path", str(out))
+    if as_json:
+        output.emit_json(payload)
+        return
+    keys = ["onnx_path", "opset", "max_abs_diff", "max_rel_diff", "providers"]
+    output.summary(f"Exported {spec}", [(k.replace("_", " "), payload.get(k)) for k in keys if k in payload])
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    if hasattr(report, "to_dict"):
+        return dict(report.to_dict())
+    if is_dataclass(report):
+        return asdict(report)
+    return dict(vars(report))

@@ -1,0 +1,233 @@
+"""Steps several commands share: load MODEL, convert or apply an adapter, compare, write outputs.
+
+The API modules are imported here lazily, inside the functions, so ``attnres --help`` and
+argument errors stay fast and a command whose backend is missing fails with a clear
+message instead of breaking every other command.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import AdapterError, AttnResError, InvalidInputError
+from . import output
+from .sources import ResolvedModel, resolve
+
+ADAPTER_FILES = ("attnres_config.json", "attnres.safetensors")
+
+
+def backend(module: str) -> Any:
+    """Import ``attnres_rewrite.<module>``, failing clearly where that part is not built yet."""
+    try:
+        return importlib.import_module(f"attnres_rewrite.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(f"attnres_rewrite.{module}"):
+            raise RuntimeError(f"attnres_rewrite.{module} is not available in this installation") from exc
+        raise
+
+
+@dataclass
+class ConversionOptions:
+    """The ``--blocks/--block-size/--full/--mode/--eps`` flags, validated once for every command."""
+
+    blocks: int | None = None
+    block_size: int | None = None
+    full: bool = False
+    mode: str = "paper"
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [
+            flag
+            for flag, on in (("--blocks", self.blocks), ("--block-size", self.block_size), ("--full", self.full))
+            if on
+        ]
+        if len(chosen) > 1:
+            raise InvalidInputError(f"{' and '.join(chosen)} are alternatives; pass only one of them.")
+        if self.eps is not None and not self.eps > 0:
+            raise InvalidInputError(f"--eps must be positive, got {self.eps}.")
+
+    @property
+    def given(self) -> bool:
+        """Whether any conversion flag differs from its default (they conflict with --adapter)."""
+        return bool(self.blocks or self.block_size or self.full or self.mode != "paper" or self.eps is not None)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "num_blocks": self.blocks,
+            "block_size": self.block_size,
+            "full": self.full,
+            "mode": self.mode,
+            "eps": self.eps,
+        }
+
+
+def load_model(spec: str, *, batch: int | None, seq_len: int | None, seed: int) -> ResolvedModel:
+    with output.step(f"Loading {spec}"):
+        resolved = resolve(spec, batch=batch, seq_len=seq_len, seed=seed)
+    if resolved.note:
+        output.note(resolved.note)
+    return resolved
+
+
+def convert(resolved: ResolvedModel, options: ConversionOptions) -> nn.Module:
+    api = backend("api")
+    with output.step("Converting residual streams"):
+        return api.convert(resolved.fresh(), resolved.example_inputs, **options.kwargs())
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """Reject a path that is not an adapter before the API reads it, with the fix in the message."""
+    if not directory.is_dir():
+        raise AdapterError(f"no adapter directory {str(directory)!r}; create one with `attnres convert MODEL -o DIR`.")
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise AdapterError(
+            f"{directory} is not an attnres adapter (missing {', '.join(missing)}); "
+            "pass the directory written by `attnres convert`."
+        )
+
+
+def load_adapter(resolved: ResolvedModel, directory: Path) -> nn.Module:
+    check_adapter_dir(directory)
+    api = backend("api")
+    with output.step(f"Applying adapter {directory}"):
+        try:
+            return api.load_adapter(resolved.fresh(), resolved.example_inputs, directory)
+        except AttnResError:
+            raise
+        except (ValueError, KeyError, OSError) as exc:  # unreadable JSON/safetensors surface as these
+            raise AdapterError(f"cannot load adapter {directory}: {type(exc).__name__}: {exc}") from exc
+
+
+def converted_model(resolved: ResolvedModel, adapter: Path | None, options: ConversionOptions) -> nn.Module:
+    """Apply ``--adapter`` or convert on the fly; passing both is a usage error."""
+    if adapter is not None:
+        if options.given:
+            raise InvalidInputError(
+                "--adapter carries its own conversion settings; drop --blocks/--block-size/--full/--mode/--eps."
+            )
+        return load_adapter(resolved, adapter)
+    return convert(resolved, options)
+
+
+def fresh_inputs(example_inputs: Any, seed: int) -> Any:
+    """Inputs shaped like the examples but new values, so checks do not just replay the trace.
+
+    Floats are redrawn from a normal distribution; integer tensors (token ids) are redrawn
+    uniformly below the examples' maximum + 1, which keeps ids inside the vocabulary.
+    Booleans (masks) are kept.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def redraw(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dtype == torch.bool:
+            return x
+        if x.is_floating_point():
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        high = int(x.max()) + 1 if x.numel() else 1
+        return torch.randint(0, max(high, 1), x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+    return pytree.tree_map(redraw, example_inputs)
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on example inputs that are positional (tuple) or keyword (dict) arguments."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def float_leaves(out: Any) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
+    return [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def max_diffs(reference: Any, candidate: Any) -> tuple[float, float]:
+    """Max absolute and max relative (to the reference's max magnitude) difference over all outputs."""
+    ref, cand = float_leaves(reference), float_leaves(candidate)
+    if len(ref) != len(cand) or any(a.shape != b.shape for a, b in zip(ref, cand)):
+        raise RuntimeError("the converted model's outputs do not have the original's structure")
+    abs_diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, cand) if a.numel()), default=0.0)
+    scale = max((float(a.double().abs().max()) for a in ref if a.numel()), default=0.0)
+    return abs_diff, abs_diff / scale if scale > 0 else abs_diff
+
+
+def compare(original: nn.Module, converted: nn.Module, inputs: Any) -> tuple[float, float]:
+    with torch.no_grad():
+        return max_diffs(call(original.eval(), inputs), call(converted.eval(), inputs))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ensure_output_free(path: Path, *, force: bool, kind: str) -> None:
+    """Refuse to overwrite a non-empty directory or an existing file unless --force."""
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise InvalidInputError(f"output {kind} {str(path)!r} exists and is not empty; pass --force to replace it.")
+    if path.is_file() and kind == "directory":
+        raise InvalidInputError(f"output {str(path)!r} is a file; pass a directory path.")
+    if path.exists() and kind == "file" and not force:
+        raise InvalidInputError(f"output file {str(path)!r} exists; pass --force to replace it.")
+    if path.is_dir() and kind == "file":
+        raise InvalidInputError(f"output {str(path)!r} is a directory; pass a file path such as model.onnx.")
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target`` by rename.
+
+    A crash or error leaves ``target`` as it was (and no half-written adapter behind).
+    """
+    target = target.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.{os.getpid()}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def device_of(name: str | None) -> torch.device:
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise InvalidInputError(f"--device {name!r} is not a device; use cpu or cuda.") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError("--device cuda but no CUDA device is available; use --device cpu.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def copy_for_training(model: nn.Module) -> nn.Module:
+    """An independent copy, so a timed training step never changes the model other steps use."""
+    return copy.deepcopy(model)

@@ -1,0 +1,74 @@
+"""Option declarations shared by the commands, so every command spells a flag the same way."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class Mode(str, Enum):
+    """SPEC section 1 init modes: ``paper`` (the formula) or ``exact`` (equal at conversion)."""
+
+    paper = "paper"
+    exact = "exact"
+
+
+MODEL_HELP = (
+    "samples:NAME (llama, gpt2, parallel, vit, bert, resnet), a local Hugging Face model directory "
+    "(config.json [+ *.safetensors]), or package.module:factory."
+)
+CONVERSION = "Conversion"
+INPUTS = "Example inputs"
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP, show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (progress stays on stderr).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
+Batch = Annotated[
+    int | None, typer.Option("--batch", min=1, help="Batch size of the example inputs.", rich_help_panel=INPUTS)
+]
+SeqLen = Annotated[
+    int | None,
+    typer.Option("--seq-len", min=1, help="Sequence length of text example inputs.", rich_help_panel=INPUTS),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        help="Seed for random weights (configs without weights) and fresh check inputs.", rich_help_panel=INPUTS
+    ),
+]
+Blocks = Annotated[
+    int | None,
+    typer.Option("--blocks", "-n", min=1, help="Number of blocks N (default 8).", rich_help_panel=CONVERSION),
+]
+BlockSize = Annotated[
+    int | None,
+    typer.Option(
+        "--block-size", "-s", min=1, help="Sublayers per block S instead of --blocks.", rich_help_panel=CONVERSION
+    ),
+]
+Full = Annotated[
+    bool, typer.Option("--full", help="Full AttnRes (one block per sublayer).", rich_help_panel=CONVERSION)
+]
+ModeOpt = Annotated[
+    Mode,
+    typer.Option(
+        "--mode",
+        "-m",
+        help="paper: SPEC formula; exact: equal to the original at conversion.",
+        rich_help_panel=CONVERSION,
+    ),
+]
+Eps = Annotated[
+    float | None,
+    typer.Option(help="Key RMSNorm eps (default: the model's, else 1e-6).", rich_help_panel=CONVERSION),
+]
+Adapter = Annotated[
+    Path | None,
+    typer.Option("--adapter", "-a", help="Adapter directory written by `attnres convert`.", show_default=False),
+]
+Atol = Annotated[float | None, typer.Option(help="Absolute tolerance of the checks (default depends on the check).")]
+Rtol = Annotated[float | None, typer.Option(help="Relative tolerance of the checks (default depends on the check).")]

@@ -1,0 +1,93 @@
+"""Everything the CLI prints: JSON on stdout, tables on stdout, progress and notes on stderr.
+
+The split is what makes ``--json`` scriptable: stdout carries exactly one JSON document
+(or the human table), while progress, notes and errors go to stderr, so
+``attnres convert ... --json | jq`` works with progress still visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def stderr() -> Console:
+    """A console on the current ``sys.stderr`` (created per use so test runners can swap streams)."""
+    return Console(stderr=True, highlight=False)
+
+
+def stdout() -> Console:
+    return Console(highlight=False)
+
+
+def note(message: str) -> None:
+    stderr().print(f"[dim]{message}[/dim]")
+
+
+@contextmanager
+def step(label: str) -> Iterator[None]:
+    """Show a spinner for a long step on a terminal; log its completion and duration to stderr."""
+    console = stderr()
+    start = time.perf_counter()
+    spinner = console.status(f"{label}...") if console.is_terminal else nullcontext()
+    with spinner:  # on failure nothing is logged here: the error message that follows says it all
+        yield
+    console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values: paths as strings, non-finite floats as null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # 0-d tensors and numpy scalars
+        return jsonable(value.item())
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def fmt(value: Any) -> str:
+    """Human formatting for table cells: small floats in scientific notation."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    return str(value)
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for column in columns:
+        t.add_column(column, overflow="fold")
+    for row in rows:
+        t.add_row(*(fmt(v) for v in row))
+    stdout().print(t)
+
+
+def summary(title: str, pairs: list[tuple[str, Any]]) -> None:
+    """A two-column key/value table for single results (convert, export, verify)."""
+    table(title, ["", ""], [[k, v] for k, v in pairs])

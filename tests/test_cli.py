@@ -1,0 +1,147 @@
+"""The `attnres` app in-process (typer CliRunner): flags, errors and exit codes, config files.
+
+Commands that do real work (convert, export, verify, bench) are in test_cli_commands.py;
+real subprocess runs in test_cli_subprocess.py and test_cli_docs.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from attnres_rewrite import __version__
+from attnres_rewrite.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, **kwargs):
+    return runner.invoke(app, list(args), **kwargs)
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit code 2, no traceback, the reason on stderr, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"attnres {__version__} (torch ")
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("inspect", "convert", "export", "verify", "bench"):
+        assert command in result.stdout
+
+
+def test_no_arguments_shows_help():
+    result = invoke()
+    assert "Usage" in result.output
+    assert "convert" in result.output
+
+
+def test_unknown_command_and_flag_are_usage_errors():
+    assert invoke("transmogrify").exit_code == 2
+    result = invoke("inspect", "samples:llama", "--no-such-flag")
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr
+
+
+def test_bad_flag_value_is_a_usage_error():
+    result = invoke("convert", "samples:llama", "-o", "x", "--blocks", "0")
+    assert result.exit_code == 2
+    assert "--blocks" in result.stderr
+    result = invoke("convert", "samples:llama", "-o", "x", "--mode", "fancy")
+    assert result.exit_code == 2
+    assert "fancy" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("samples:nope", "unknown sample 'nope'"),
+        ("does/not/exist/", "no such directory"),
+        ("org/model", "never downloads"),
+        ("gopher:thing-x", "unknown MODEL scheme"),
+    ],
+)
+def test_bad_model_is_one_line_exit_2(model, message):
+    result = invoke("inspect", model)
+    assert_user_error(result, message)
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line
+
+
+def test_bad_model_with_json_keeps_stdout_empty():
+    result = invoke("inspect", "samples:nope", "--json")
+    assert_user_error(result, "unknown sample")
+
+
+def test_debug_shows_the_traceback_with_the_same_exit_code():
+    result = invoke("inspect", "samples:nope", "--debug")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+    assert "ModelSourceError" in result.stderr
+    assert invoke("--debug", "inspect", "samples:nope").stderr.count("Traceback") == 1
+
+
+def test_conflicting_block_flags(tmp_path):
+    result = invoke("convert", "samples:llama", "-o", str(tmp_path / "out"), "--blocks", "2", "--full")
+    assert_user_error(result, "--blocks and --full are alternatives")
+
+
+def test_convert_refuses_a_non_empty_output_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    result = invoke("convert", "samples:llama", "-o", str(tmp_path))
+    assert_user_error(result, "exists and is not empty", "--force")
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_export_refuses_an_existing_file(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"x")
+    assert_user_error(invoke("export", "samples:llama", "-o", str(target)), "exists", "--force")
+
+
+def test_verify_needs_an_adapter_directory(tmp_path):
+    assert_user_error(invoke("verify", "samples:llama", "--adapter", str(tmp_path / "none")), "no adapter directory")
+    assert_user_error(invoke("verify", "samples:llama", "--adapter", str(tmp_path)), "is not an attnres adapter")
+
+
+def test_config_file_unknown_option_is_a_usage_error(tmp_path):
+    cfg = tmp_path / "attnres.toml"
+    cfg.write_text("[convert]\nblokcs = 4\n")
+    result = invoke("--config", str(cfg), "inspect", "samples:nope")
+    assert result.exit_code == 2
+    assert "blokcs" in result.stderr
+
+
+def test_config_file_unknown_table_and_bad_toml(tmp_path):
+    cfg = tmp_path / "attnres.toml"
+    cfg.write_text("[convrt]\nblocks = 4\n")
+    assert "convrt" in invoke("--config", str(cfg), "inspect", "x").stderr
+    cfg.write_text("blocks = \n")
+    assert invoke("--config", str(cfg), "inspect", "x").exit_code == 2
+    assert invoke("--config", str(tmp_path / "missing.toml"), "inspect", "x").exit_code == 2
+
+
+def test_config_file_values_are_validated_like_flags(tmp_path):
+    cfg = tmp_path / "attnres.toml"
+    cfg.write_text('[convert]\nmode = "fancy"\n')
+    result = invoke("--config", str(cfg), "convert", "samples:llama", "-o", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "fancy" in result.stderr
+
+
+def test_config_defaults_reach_the_command(tmp_path):
+    """A [convert] default that conflicts with a flag proves the default was applied."""
+    cfg = tmp_path / "attnres.toml"
+    cfg.write_text("[convert]\nblocks = 2\n")
+    result = invoke("--config", str(cfg), "convert", "samples:llama", "-o", str(tmp_path / "o"), "--full")
+    assert_user_error(result, "--blocks and --full are alternatives")
