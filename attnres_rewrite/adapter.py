@@ -1,0 +1,164 @@
+"""Adapters: the AttnRes part of a converted model, saved apart from the base weights.
+
+A directory holds ``attnres_config.json`` (plan + versions) and ``attnres.safetensors``
+(only the ``attnres.*`` parameters). Loading re-runs capture and detection on a freshly
+built original model, checks the streams against the plan (names, sublayer module
+paths, feature size), applies the *saved* plan and loads the weights. Files are written
+to temporaries and renamed, so a failed save leaves no half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AdapterError, AttnResError, InvalidInputError
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter"]
+
+CONFIG_NAME = "attnres_config.json"
+WEIGHTS_NAME = "attnres.safetensors"
+ADAPTER_FORMAT = 1
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"attnres_rewrite": __version__, "torch": torch.__version__}
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the AttnRes config and weights of ``converted`` (a result of :func:`convert`) to ``directory``."""
+    from safetensors.torch import save_file
+
+    plan = getattr(converted, "attnres_plan", None)
+    params = getattr(converted, "attnres", None)
+    if plan is None or params is None:
+        raise InvalidInputError(
+            "save_adapter needs a model returned by attnres_rewrite.convert (no attnres_plan found)"
+        )
+    tensors = {f"attnres.{k}": v.detach() for k, v in params.state_dict().items()}
+    if any(t.device.type == "meta" for t in tensors.values()):
+        raise InvalidInputError("the AttnRes parameters are on the meta device; materialise them before saving")
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    missing = set(plan.parameter_names()) - set(tensors)
+    if missing:
+        raise InvalidInputError(f"converted model lacks AttnRes parameters {sorted(missing)}")
+    config = {"format": ADAPTER_FORMAT, "versions": _versions(), "plan": plan.to_dict()}
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return out
+
+
+def _read(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .passes.plan import ConversionPlan
+
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise AdapterError(f"adapter file {p} is missing; save one with save_adapter(converted, directory)")
+    try:
+        config = json.loads(cfg_path.read_text())
+        if config.get("format") != ADAPTER_FORMAT:
+            raise AdapterError(f"{cfg_path}: adapter format {config.get('format')!r} is not {ADAPTER_FORMAT}")
+        plan = ConversionPlan.from_dict(config["plan"])
+    except AdapterError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{cfg_path} is not a valid AttnRes adapter config: {exc}") from exc
+    try:
+        weights = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{w_path} is not a readable safetensors file: {exc}") from exc
+    return plan, weights
+
+
+def _match(plan, detection) -> None:
+    """Every planned stream must exist, convertible, with the same sublayers and width."""
+    found = {s.name: s for s in detection.streams}
+    for sp in plan.streams:
+        s = found.get(sp.name)
+        if s is None:
+            raise AdapterError(
+                f"the model has no residual stream {sp.name!r} (found: {sorted(found) or 'none'}); "
+                "the adapter was made for another architecture"
+            )
+        if not s.convertible:
+            raise AdapterError(f"stream {sp.name!r} is not convertible in this model: {s.reason}")
+        paths = [x.module_path for x in s.sublayers]
+        if len(paths) != sp.num_sublayers:
+            raise AdapterError(
+                f"stream {sp.name!r}: the adapter has {sp.num_sublayers} sublayers but the model has {len(paths)} "
+                "(different depth)"
+            )
+        if paths != sp.sublayers:
+            diff = next(i for i, (a, b) in enumerate(zip(paths, sp.sublayers)) if a != b)
+            raise AdapterError(
+                f"stream {sp.name!r}: sublayer {diff} is {paths[diff]!r} in the model but {sp.sublayers[diff]!r} "
+                "in the adapter"
+            )
+        if s.dim != sp.dim:
+            raise AdapterError(f"stream {sp.name!r}: feature size {s.dim} in the model, {sp.dim} in the adapter")
+        rows = {state: r for r, state in enumerate(s.input_states)}
+        if [rows[x.reads] for x in s.sublayers] != sp.inputs:
+            raise AdapterError(f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)")
+
+
+def load_adapter(model: nn.Module, example_inputs: Any, directory: str | os.PathLike) -> nn.Module:
+    """Convert a freshly built ``model`` as the adapter in ``directory`` says, and load its AttnRes weights."""
+    from .api import apply_plan
+    from .passes.capture import capture
+    from .passes.detect import detect
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {directory} does not exist")
+    plan, weights = _read(directory)
+    captured = capture(model, example_inputs)
+    detection = detect(captured.module, model)
+    _match(plan, detection)
+    try:
+        converted = apply_plan(captured, detection, plan)
+    except AttnResError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise AdapterError(f"could not apply the adapter's plan: {exc}") from exc
+    params = converted.attnres.state_dict()
+    want = {f"attnres.{k}": v for k, v in params.items()}
+    if set(want) != set(weights):
+        raise AdapterError(
+            f"adapter weights do not match the plan: missing {sorted(set(want) - set(weights))}, "
+            f"unexpected {sorted(set(weights) - set(want))}"
+        )
+    for k, v in want.items():
+        if tuple(weights[k].shape) != tuple(v.shape):
+            raise AdapterError(f"{k}: shape {tuple(weights[k].shape)} in the adapter, {tuple(v.shape)} in the model")
+    state = {k[len("attnres.") :]: weights[k].to(dtype=params[k[len("attnres.") :]].dtype) for k in want}
+    assign = any(p.device.type == "meta" for p in converted.attnres.parameters())
+    converted.attnres.load_state_dict(state, assign=assign)
+    return converted

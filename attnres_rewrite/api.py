@@ -1,0 +1,270 @@
+"""Public API: inspect, convert, measure equivalence, save/load adapters.
+
+Pipeline: :func:`~.passes.capture.capture` -> :func:`~.passes.detect.detect` ->
+:class:`~.passes.plan.ConversionPlan` -> :func:`~.passes.rewrite.rewrite`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .adapter import load_adapter, save_adapter
+from .errors import InvalidInputError, NoResidualStreamError, NotConvertibleError
+from .passes.capture import Captured, capture, normalize_inputs
+from .passes.detect import Detection, Stream, detect
+from .passes.plan import ConversionPlan, check_eps, check_mode, make_stream_plan, resolve_partition
+from .passes.rewrite import rewrite
+
+__all__ = [
+    "InspectReport",
+    "StreamReport",
+    "EquivalenceReport",
+    "inspect",
+    "convert",
+    "equivalence",
+    "fresh_inputs",
+    "save_adapter",
+    "load_adapter",
+]
+
+
+@dataclass
+class StreamReport:
+    """One residual stream as the detector sees it."""
+
+    name: str
+    kind: str  # prenorm | additive | postnorm | postact | unsupported | single
+    convertible: bool
+    reason: str
+    num_sublayers: int
+    sublayers: list[str]
+    dim: int
+    shape: str
+    dtype: str
+    eps: float | None
+    blocks: list[list[int]]  # the default partition convert would use ([start, stop) per block)
+    norms: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_stream(cls, s: Stream) -> StreamReport:
+        blocks = resolve_partition(len(s.sublayers), None, None, False, s.name) if s.convertible else []
+        return cls(
+            name=s.name,
+            kind=s.kind,
+            convertible=s.convertible,
+            reason=s.reason,
+            num_sublayers=len(s.sublayers),
+            sublayers=[x.module_path for x in s.sublayers],
+            dim=s.dim,
+            shape=s.shape,
+            dtype=str(s.dtype).replace("torch.", ""),
+            eps=s.eps,
+            blocks=blocks,
+            norms=list(s.norm_paths),
+        )
+
+
+@dataclass
+class InspectReport:
+    """Every residual stream found, with classification and reasons.
+
+    ``skipped`` lists single residual adds (chains of length 1, e.g. the
+    ``x + 0.044715 x^3`` inside a tanh-GELU): not streams, kept for transparency.
+    """
+
+    streams: list[StreamReport]
+    skipped: list[StreamReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def convertible(self) -> list[StreamReport]:
+        return [s for s in self.streams if s.convertible]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pipeline(model: nn.Module, example_inputs: Any) -> tuple[Captured, Detection]:
+    captured = capture(model, example_inputs)
+    return captured, detect(captured.module, model)
+
+
+def inspect(model: nn.Module, example_inputs: Any) -> InspectReport:
+    """Trace ``model`` on ``example_inputs`` and report its residual streams (nothing is changed)."""
+    captured, detection = _pipeline(model, example_inputs)
+    return InspectReport(
+        streams=[StreamReport.from_stream(s) for s in detection.streams],
+        skipped=[StreamReport.from_stream(s) for s in detection.skipped],
+        notes=list(captured.notes),
+    )
+
+
+def _check_convertible(detection: Detection) -> list[Stream]:
+    if not detection.streams and not detection.skipped:
+        raise NoResidualStreamError(
+            "no residual stream found: the model has no add of the form x + f(x); nothing to convert"
+        )
+    ok = [s for s in detection.streams if s.convertible]
+    if not ok:
+        found = detection.streams or detection.skipped
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in found[:5])
+        if not detection.streams:
+            raise NoResidualStreamError(f"no residual stream found (only single residual adds: {reasons})")
+        raise NotConvertibleError(f"no convertible residual stream: {reasons}")
+    return ok
+
+
+def _check_options(num_blocks, block_size, full, mode, eps) -> None:
+    check_mode(mode)
+    check_eps(eps)
+    if not isinstance(full, bool):
+        raise InvalidInputError(f"full must be True or False, got {full!r}")
+    for label, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidInputError(f"{label} must be a positive integer, got {value!r}")
+
+
+def build_plan(
+    detection: Detection,
+    *,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    full: bool = False,
+    mode: str = "paper",
+    eps: float | None = None,
+) -> ConversionPlan:
+    """Plan the conversion of every convertible stream of ``detection``."""
+    _check_options(num_blocks, block_size, full, mode, eps)
+    streams = _check_convertible(detection)
+    planned = [make_stream_plan(s, num_blocks=num_blocks, block_size=block_size, full=full, eps=eps) for s in streams]
+    notes = [f"{s.name}: not converted ({s.reason})" for s in detection.streams if not s.convertible]
+    return ConversionPlan(planned, mode=mode, full=full, num_blocks=num_blocks, block_size=block_size, notes=notes)
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    full: bool = False,
+    mode: str = "paper",
+    eps: float | None = None,
+) -> nn.Module:
+    """Rewrite every convertible residual stream of ``model`` into Block AttnRes.
+
+    ``num_blocks`` (default 8, capped at each stream's sublayer count), ``block_size``
+    or ``full=True`` (one block per sublayer) choose the partition; ``mode`` is
+    ``"paper"`` or ``"exact"`` (SPEC section 1); ``eps`` overrides the key-norm epsilon
+    (default: the model's norm epsilon, else 1e-6).
+
+    Returns a trainable ``torch.fx.GraphModule`` taking the same inputs as ``model``,
+    with the original parameter names, the new ones under ``attnres.<stream>.*`` and
+    the plan as ``.attnres_plan``. The graph was captured in the model's current
+    train/eval mode; dropout is baked in as traced. Parameters are shared with
+    ``model`` (no copy), so a meta-device model converts without allocating weights.
+    """
+    _check_options(num_blocks, block_size, full, mode, eps)
+    captured, detection = _pipeline(model, example_inputs)
+    plan = build_plan(detection, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+    plan.notes = captured.notes + plan.notes
+    return apply_plan(captured, detection, plan)
+
+
+def apply_plan(captured: Captured, detection: Detection, plan: ConversionPlan) -> nn.Module:
+    converted = rewrite(captured.module, detection, plan)
+    converted.attnres_plan = plan
+    return converted
+
+
+# --------------------------------------------------------------------------------------
+# equivalence
+
+
+@dataclass
+class EquivalenceReport:
+    """How far the converted model is from the original on fresh inputs."""
+
+    max_abs: float
+    max_rel: float  # max_abs / max|original|
+    max_ref: float
+    input_shapes: list[list[int]]
+    finite: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fresh_inputs(example_inputs: Any, *, batch_delta: int = 1, seq_delta: int = 3, seed: int = 1234) -> Any:
+    """Inputs of the example's kinds with another batch size and sequence length.
+
+    Integer tensors get random values below the example's maximum (token ids), 0/1
+    tensors and booleans become all ones (attention masks), float tensors get normal
+    noise with the example's scale. The sequence axis (dim 1 of 2-D integer and 3-D
+    float inputs) grows by ``seq_delta``; use ``seq_delta=0`` for fixed-length models.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(t: Any) -> Any:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        shape = list(t.shape)
+        shape[0] += batch_delta
+        integer = not t.dtype.is_floating_point and t.dtype != torch.bool
+        if t.dim() == 2 and (integer or t.dtype == torch.bool) or t.dim() == 3 and t.dtype.is_floating_point:
+            shape[1] += seq_delta
+        if t.dtype == torch.bool:
+            return torch.ones(shape, dtype=torch.bool, device=t.device)
+        if integer:
+            high = int(t.max()) + 1 if t.numel() else 1
+            if high <= 2:
+                return torch.ones(shape, dtype=t.dtype, device=t.device)
+            return torch.randint(0, high, shape, generator=gen, dtype=t.dtype).to(t.device)
+        std = float(t.float().std()) if t.numel() > 1 else 1.0
+        return (torch.randn(shape, generator=gen) * (std or 1.0)).to(dtype=t.dtype, device=t.device)
+
+    return pytree.tree_map(make, example_inputs)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    args, kwargs = normalize_inputs(inputs)
+    return model(*args, **kwargs)
+
+
+def _float_leaves(out: Any) -> list[Tensor]:
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        out = out.to_tuple()
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor) and x.dtype.is_floating_point]
+
+
+@torch.no_grad()
+def equivalence(
+    original: nn.Module, converted: nn.Module, example_inputs: Any, *, seed: int = 1234
+) -> EquivalenceReport:
+    """Max abs / relative difference between ``converted`` and ``original`` on fresh inputs.
+
+    Tries another batch size and sequence length first, then another batch size only
+    (models with a fixed length), then the example's own shapes (static traces).
+    """
+    last_error: Exception | None = None
+    for batch_delta, seq_delta in ((1, 3), (1, 0), (0, 0)):
+        inputs = fresh_inputs(example_inputs, batch_delta=batch_delta, seq_delta=seq_delta, seed=seed)
+        try:
+            got = _float_leaves(_call(converted, inputs))
+            want = _float_leaves(_call(original, inputs))
+        except Exception as exc:  # noqa: BLE001 - try the next, more conservative shape
+            last_error = exc
+            continue
+        if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+            raise InvalidInputError("converted and original models return outputs of different structure")
+        max_abs = max((float((a.float() - b.float()).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
+        max_ref = max((float(b.float().abs().max()) for b in want if b.numel()), default=0.0)
+        shapes = [list(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        finite = all(bool(torch.isfinite(a).all()) for a in got)
+        return EquivalenceReport(max_abs, max_abs / max_ref if max_ref else max_abs, max_ref, shapes, finite)
+    raise InvalidInputError(f"could not run the models on fresh inputs: {last_error}")

@@ -1,0 +1,162 @@
+"""Capture: trace a model with ``torch.export`` (non-strict) into an FX graph.
+
+Why ``torch.export``: it gives one flat aten graph with the original parameter names
+(FQNs) and ``nn_module_stack`` metadata on every node, runs on fake tensors (so a
+model whose weights live on the ``meta`` device traces without allocating them) and
+its unlifted module is an ordinary trainable ``GraphModule``.
+
+Batch and sequence axes are marked ``Dim.AUTO`` from the start, so the converted model
+accepts other batch sizes and sequence lengths than the example; axes the model pins
+(an image size, a mel-bin count) simply stay static.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from ..errors import InvalidInputError, TraceError
+
+__all__ = ["Captured", "capture", "normalize_inputs", "dynamic_shapes_for"]
+
+
+@dataclass
+class Captured:
+    """The traced model: the exported program and its unlifted, trainable module."""
+
+    model: nn.Module
+    args: tuple
+    kwargs: dict
+    program: torch.export.ExportedProgram
+    module: torch.fx.GraphModule
+    dynamic: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Turn ``example_inputs`` (tensor, tuple/list of positional args, or dict of kwargs) into ``(args, kwargs)``."""
+    if isinstance(example_inputs, Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, dict):
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise InvalidInputError(f"example_inputs dict keys must be argument names (str), got {bad!r}")
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise InvalidInputError(
+            "example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments, "
+            f"got {type(example_inputs).__name__}"
+        )
+    leaves = pytree.tree_leaves((args, kwargs))
+    if not any(isinstance(x, Tensor) for x in leaves):
+        raise InvalidInputError("example_inputs contain no tensor; pass the inputs the model's forward takes")
+    for leaf in leaves:
+        if isinstance(leaf, Tensor) and leaf.dtype.is_floating_point and leaf.device.type != "meta":
+            if not torch.isfinite(leaf).all():
+                raise InvalidInputError("example_inputs contain NaN or infinite values")
+    return args, kwargs
+
+
+def _leaf_dims(t: Any) -> dict[int, Any] | None:
+    """Dynamic axes for one input leaf: batch always, the sequence axis of token-like inputs."""
+    from torch.export import Dim
+
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return None
+    dims = {0: Dim.AUTO}
+    integer = not t.dtype.is_floating_point and t.dtype != torch.bool
+    if t.dim() >= 2 and (integer or t.dtype == torch.bool) and t.dim() <= 2:
+        dims[1] = Dim.AUTO  # token ids / attention masks: (batch, seq)
+    elif t.dim() == 3 and t.dtype.is_floating_point:
+        dims[1] = Dim.AUTO  # embeddings (batch, seq, d); AUTO stays static where the model pins it
+    return dims
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Build the ``dynamic_shapes`` argument matching ``(args, kwargs)``."""
+    spec_args = pytree.tree_map(_leaf_dims, args, is_leaf=lambda x: x is None)
+    spec_kwargs = {k: pytree.tree_map(_leaf_dims, v, is_leaf=lambda x: x is None) for k, v in kwargs.items()}
+    if not kwargs:
+        return tuple(spec_args)
+    try:
+        names = list(_inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    if len(names) < len(args):
+        raise InvalidInputError("cannot mix positional and keyword example inputs for a forward taking *args")
+    out = {names[i]: spec_args[i] for i in range(len(args))}
+    out.update(spec_kwargs)
+    return out
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> Captured:
+    """Export ``model`` on ``example_inputs`` with dynamic batch/sequence axes.
+
+    Falls back to static shapes when the dynamic trace fails (the result then only
+    accepts the example's shapes; a note says so). Raises :class:`InvalidInputError`
+    when the model does not even run eagerly on the inputs, :class:`TraceError` when
+    it runs but cannot be traced.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    notes: list[str] = []
+    first_error: BaseException | None = None
+    program = None
+    if dynamic:
+        try:
+            program = _export(model, args, kwargs, dynamic_shapes_for(model, args, kwargs))
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+            first_error = exc
+    if program is None:
+        try:
+            program = _export(model, args, kwargs, None)
+            if dynamic:
+                notes.append(
+                    f"dynamic batch/sequence trace failed ({_first_line(first_error)}); traced with static shapes, "
+                    "the converted model only accepts the example's shapes"
+                )
+                dynamic = False
+        except Exception as exc:  # noqa: BLE001
+            _raise_trace_error(model, args, kwargs, first_error or exc)
+    module = program.module()
+    return Captured(model, args, kwargs, program, module, dynamic, notes)
+
+
+def _raise_trace_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> None:
+    """Tell a wrong example input apart from an untraceable model, and say what to try."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as eager:  # noqa: BLE001
+        raise InvalidInputError(
+            f"the model fails on the example inputs even without tracing ({_first_line(eager)}); "
+            "pass inputs of the type and shape its forward expects"
+        ) from eager
+    raise TraceError(
+        f"torch.export could not trace the model ({_first_line(exc)}). Data-dependent Python control flow, "
+        "calls into non-PyTorch code and .item()/.tolist() on tensors break tracing. Try: put the model in eval(), "
+        "disable caches (use_cache=False), replace data-dependent branches with torch.cond/torch.where, or wrap "
+        "the traceable core of the model in its own nn.Module and convert that."
+    ) from exc

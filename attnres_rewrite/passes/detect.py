@@ -1,0 +1,541 @@
+"""Detect: find residual streams in an exported FX graph by dataflow.
+
+A *residual add* is ``add(s, f(s))``: two same-shape float operands where the root of
+one (the stream operand, seen through casts, clones, identity views and dropout) is an
+ancestor of the other (the branch). Residual adds are linked into chains when the
+stream operand of one is the output of another. Nothing looks at module names or
+fixed op patterns to find streams; module metadata is only used to *name* what was
+found (the module path of each sublayer) and to recognise hand-written norms.
+
+Cost: one pass over the nodes; the ancestor test of an add only walks the nodes
+topologically between the stream value and the branch output (that branch's own
+nodes), so the whole detection is linear in graph size for layered models.
+
+Besides chains of ``s + f(s)`` the detector understands:
+
+* parallel branches ``s + (f(s) + g(s))`` (NeoX) and ``(s + f(s)) + g(s)`` (GPT-J,
+  where ``g`` reads the state *before* ``f`` was added): separate sublayers with one
+  shared input;
+* post-norm ``norm(s + f(s))`` and post-activation ``relu(s + f(s))`` links, which
+  make a chain not convertible (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+__all__ = ["Sublayer", "Stream", "Detection", "detect"]
+
+# Ops that keep the identity of a stream value (same shape; dtype may change).
+_SEE_THROUGH = {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten.to.other,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.dropout.default,
+    aten.feature_dropout.default,
+    aten.alpha_dropout.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.type_as.default,
+}
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}
+_NORM_OPS = {
+    aten.layer_norm.default: 4,  # arg index of eps
+    aten.native_layer_norm.default: 4,
+    aten.rms_norm.default: 3,
+    aten._fused_rms_norm.default: 3,
+    aten.group_norm.default: 4,
+    aten.native_group_norm.default: 7,
+    aten.batch_norm.default: 7,
+    aten._native_batch_norm_legit_no_training.default: 6,
+}
+_ACT_OPS = {
+    aten.relu.default,
+    aten.relu_.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.hardtanh.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.mish.default,
+}
+_CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
+_NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+
+
+@dataclass
+class Sublayer:
+    """One residual branch: its raw output ``value`` is added to the stream by ``add``."""
+
+    value: Node
+    add: Node
+    reads: int  # index of the stream state the branch reads (0 = stream start)
+    module_path: str
+
+
+@dataclass
+class Stream:
+    """A chain of residual adds, with its classification."""
+
+    name: str
+    kind: str  # prenorm | additive | postnorm | postact | single | unsupported
+    convertible: bool
+    reason: str
+    start: Node
+    states: list[Node]  # states[0] is the start, states[k] the output of the k-th add
+    sublayers: list[Sublayer]
+    dim: int
+    shape: str
+    dtype: torch.dtype
+    eps: float | None = None
+    norm_paths: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> Node:
+        return self.states[-1]
+
+    @property
+    def input_states(self) -> list[int]:
+        """Distinct states read by branches, in order: one aggregation (query row) each."""
+        return sorted({s.reads for s in self.sublayers})
+
+
+@dataclass
+class Detection:
+    streams: list[Stream]
+    skipped: list[Stream]  # single residual adds (e.g. x + 0.044715 x^3 inside GELU-tanh)
+
+
+# --------------------------------------------------------------------------------------
+# small node helpers
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def _shape_key(node) -> tuple | None:
+    v = _val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(str(s) for s in v.shape)
+
+
+def _module_stack(node: Node) -> list[tuple[str, str]]:
+    """``[(path, class qualname), ...]`` outermost first, from ``nn_module_stack``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for value in stack.values():
+        path, cls = value[0], value[1]
+        cls = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        out.append((path, cls))
+    return out
+
+
+def _innermost(node: Node) -> tuple[str, str] | None:
+    stack = _module_stack(node)
+    return stack[-1] if stack else None
+
+
+def _is_norm_module(entry: tuple[str, str] | None) -> bool:
+    return entry is not None and bool(_NORM_CLASS.search(entry[1].rsplit(".", 1)[-1]))
+
+
+def _is_see_through(node: Node) -> bool:
+    if node.op != "call_function" or node.target not in _SEE_THROUGH or not node.args:
+        return False
+    src = node.args[0]
+    if not isinstance(src, Node):
+        return False
+    a, b = _shape_key(src), _shape_key(node)
+    return a is not None and a == b
+
+
+class _Graph:
+    """Per-graph caches: topological index, roots through see-through ops."""
+
+    def __init__(self, gm: GraphModule, model: nn.Module | None) -> None:
+        self.gm = gm
+        self.model = model
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self._root: dict[Node, Node] = {}
+
+    def root(self, node: Node) -> Node:
+        """The value ``node`` is an alias/cast/dropout of (itself if none)."""
+        chain = []
+        while node not in self._root and _is_see_through(node):
+            chain.append(node)
+            node = node.args[0]
+        r = self._root.get(node, node)
+        for n in chain:
+            self._root[n] = r
+        self._root[node] = r
+        return r
+
+    def depends_on(self, target: Node, node: Node) -> bool:
+        """Is ``target`` an ancestor of ``node``? Walks only nodes after ``target``."""
+        lo = self.index[target]
+        if self.index.get(node, -1) <= lo:
+            return False
+        seen = {node}
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            for inp in n.all_input_nodes:
+                if inp is target:
+                    return True
+                if inp not in seen and self.index.get(inp, -1) > lo:
+                    seen.add(inp)
+                    todo.append(inp)
+        return False
+
+    def is_candidate_add(self, node: Node) -> bool:
+        if node.op != "call_function" or node.target not in _ADDS or len(node.args) < 2:
+            return False
+        if node.kwargs.get("alpha", 1) != 1:
+            return False
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, Node) and isinstance(b, Node)):
+            return False
+        out = _val(node)
+        if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or out.dim() < 1:
+            return False
+        key = _shape_key(node)
+        return _shape_key(a) == key and _shape_key(b) == key
+
+    def norm_input(self, node: Node) -> tuple[Node, Node] | None:
+        """If ``node`` is a norm's output, return ``(norm input, norm node)``."""
+        if node.op != "call_function":
+            return None
+        if node.target is __import__("operator").getitem and isinstance(node.args[0], Node):
+            inner = node.args[0]
+            if inner.target in _NORM_OPS:
+                return inner.args[0], inner
+        if node.target in _NORM_OPS:
+            return node.args[0], node
+        entry = _innermost(node)
+        if not _is_norm_module(entry):
+            return None
+        # walk back inside this norm module instance; its external inputs are the norm's input
+        path = entry[0]
+        seen, todo, external = {node}, [node], []
+        while todo:
+            n = todo.pop()
+            for inp in n.all_input_nodes:
+                if inp in seen:
+                    continue
+                seen.add(inp)
+                if inp.op == "call_function" and (_innermost(inp) or ("", ""))[0] == path:
+                    todo.append(inp)
+                elif inp.op in ("call_function", "placeholder") and isinstance(_val(inp), torch.Tensor):
+                    if _shape_key(inp) == _shape_key(node):
+                        external.append(inp)
+        roots = {self.root(x) for x in external}
+        if len(roots) == 1:
+            return next(iter(roots)), node
+        return None
+
+    def module_eps(self, path: str) -> float | None:
+        if self.model is None:
+            return None
+        try:
+            mod = self.model.get_submodule(path)
+        except AttributeError:
+            return None
+        for attr in _EPS_ATTRS:
+            val = getattr(mod, attr, None)
+            if isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0:
+                return float(val)
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# detection
+
+
+@dataclass
+class _Add:
+    node: Node
+    stream_operand: Node
+    stream_root: Node  # the state this add continues
+    branches: list[Node]
+    reads_root: Node  # the value the branches read
+    link: str = "plain"  # plain | postnorm | postact
+    link_node: Node | None = None
+
+
+def _split_parallel(g: _Graph, branch: Node, reads: Node) -> list[Node]:
+    """``f(s) + g(s)`` as one branch operand -> two sublayers (both must read ``s``)."""
+    out, todo = [], [branch]
+    while todo:
+        t = todo.pop()
+        if g.is_candidate_add(t) and len(t.users) == 1:
+            a, b = t.args[0], t.args[1]
+            if g.depends_on(reads, a) and g.depends_on(reads, b):
+                todo.extend([a, b])
+                continue
+        out.append(t)
+    return sorted(out, key=g.index.__getitem__)
+
+
+def _find_adds(g: _Graph) -> dict[Node, _Add]:
+    adds: dict[Node, _Add] = {}
+    for node in g.nodes:
+        if not g.is_candidate_add(node):
+            continue
+        a, b = node.args[0], node.args[1]
+        ra, rb = g.root(a), g.root(b)
+        if ra is rb:
+            continue
+        found = None
+        for s, s_root, br, br_root in ((a, ra, b, rb), (b, rb, a, ra)):
+            if br_root is s_root:
+                continue
+            if g.depends_on(s_root, br):
+                found = _Add(node, s, s_root, _split_parallel(g, br, s_root), s_root)
+                break
+        if found is None:
+            # GPT-J style (s + f(s)) + g(s): g reads the state before f was added
+            for s, s_root, br in ((a, ra, b), (b, rb, a)):
+                prev = adds.get(s_root)
+                if prev is not None and g.depends_on(prev.reads_root, br):
+                    found = _Add(node, s, s_root, [br], prev.reads_root)
+                    break
+        if found is not None:
+            adds[node] = found
+    return adds
+
+
+def _link(g: _Graph, adds: dict[Node, _Add]) -> None:
+    """Mark adds whose stream operand is a norm / activation of an earlier residual add."""
+    for add in adds.values():
+        r = add.stream_root
+        if r in adds:
+            continue
+        ni = g.norm_input(r)
+        if ni is not None and g.root(ni[0]) in adds:
+            add.link, add.link_node = "postnorm", ni[1]
+            continue
+        if r.op == "call_function" and r.target in _ACT_OPS and isinstance(r.args[0], Node):
+            if g.root(r.args[0]) in adds:
+                add.link, add.link_node = "postact", r
+
+
+def _predecessor(g: _Graph, add: _Add, adds: dict[Node, _Add]) -> Node | None:
+    r = add.stream_root
+    if r in adds:
+        return r
+    if add.link == "postnorm":
+        return g.root(g.norm_input(r)[0])
+    if add.link == "postact":
+        return g.root(r.args[0])
+    return None
+
+
+def _chains(g: _Graph, adds: dict[Node, _Add]) -> list[list[_Add]]:
+    successor: dict[Node, _Add] = {}
+    has_pred: set[Node] = set()
+    for add in adds.values():  # topological order
+        pred = _predecessor(g, add, adds)
+        if pred is not None and pred not in successor:
+            successor[pred] = add
+            has_pred.add(add.node)
+    chains = []
+    for add in adds.values():
+        if add.node in has_pred:
+            continue
+        chain = [add]
+        while chain[-1].node in successor:
+            chain.append(successor[chain[-1].node])
+        chains.append(chain)
+    return chains
+
+
+def _sublayer_path(value: Node, add: Node) -> str:
+    """The module that produced the branch: just below the module holding the add.
+
+    A trivial ``torch.nn`` leaf (dropout, linear) there means the add's own module is
+    the sublayer (T5's ``T5LayerFF`` holds both the norm, the MLP and the add).
+    """
+    vstack, astack = _module_stack(value), _module_stack(add)
+    common = 0
+    while common < min(len(vstack), len(astack)) and vstack[common][0] == astack[common][0]:
+        common += 1
+    if common < len(vstack):
+        path, cls = vstack[common]
+        if not cls.startswith("torch.nn.modules."):
+            return path
+    if common:
+        return astack[common - 1][0]
+    return vstack[-1][0] if vstack else value.name
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    out = []
+    for items in zip(*parts):
+        if all(x == items[0] for x in items):
+            out.append(items[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def _entry_consumers(g: _Graph, state: Node, skip: set[Node]) -> list[Node]:
+    """Non-alias consumers of ``state`` (through see-through ops), except the chain's own adds."""
+    out, todo, seen = [], [state], {state}
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen or user in skip:
+                continue
+            seen.add(user)
+            if user.op == "call_function" and user.target is aten._assert_tensor_metadata.default:
+                continue
+            if _is_see_through(user):
+                todo.append(user)
+            else:
+                out.append(user)
+    return out
+
+
+def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
+    start = chain[0].stream_root
+    states = [start] + [a.node for a in chain]
+    state_index = {s: i for i, s in enumerate(states)}
+    sublayers = []
+    for k, add in enumerate(chain, start=1):
+        reads = state_index.get(add.reads_root, k - 1)
+        for br in add.branches:
+            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(br, add.node)))
+    val = _val(states[-1])
+    dim = int(val.shape[-1]) if isinstance(val, torch.Tensor) and not isinstance(val.shape[-1], torch.SymInt) else -1
+    paths = [s.module_path for s in sublayers]
+    name = re.sub(r"[^0-9A-Za-z_]", "_", _common_prefix(paths)) or f"stream{index}"
+    stream = Stream(
+        name=name,
+        kind="additive",
+        convertible=True,
+        reason="",
+        start=start,
+        states=states,
+        sublayers=sublayers,
+        dim=dim,
+        shape=str(tuple(_shape_key(states[-1]) or ())),
+        dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32,
+    )
+    links = [a for a in chain if a.link != "plain"]
+    where = lambda n: (_innermost(n) or (n.name,))[0] or n.name  # noqa: E731
+    if links and links[0].link == "postnorm":
+        stream.kind, stream.convertible = "postnorm", False
+        stream.reason = (
+            f"post-norm: the stream is re-normalised after every add, norm(x + f(x)) (norm at "
+            f"{where(links[0].link_node)}); AttnRes needs a stream of raw sums"
+        )
+        return stream
+    if links:
+        stream.kind, stream.convertible = "postact", False
+        stream.reason = (
+            f"post-activation: an activation is applied after every add, act(x + f(x)) (at "
+            f"{where(links[0].link_node)}); AttnRes needs a stream of raw sums"
+        )
+        return stream
+    if len(sublayers) < 2:
+        stream.kind, stream.convertible = "single", False
+        stream.reason = "chain of length 1: a single residual add is not a stream"
+        return stream
+    shapes = {_shape_key(s) for s in states}
+    if len(shapes) > 1:
+        stream.kind, stream.convertible = "unsupported", False
+        stream.reason = f"shape change along the stream ({', '.join(sorted(map(str, shapes)))})"
+        return stream
+    if dim < 1:
+        stream.kind, stream.convertible = "unsupported", False
+        stream.reason = "the feature (last) axis has a dynamic size"
+        return stream
+    if isinstance(val, torch.Tensor) and val.dim() == 4 and _has_conv(g, sublayers, states):
+        stream.kind, stream.convertible = "unsupported", False
+        stream.reason = (
+            "channel-first convolutional stream (B, C, H, W): the feature axis is axis 1, which the AttnRes ops "
+            "do not support yet"
+        )
+        return stream
+    # prenorm: every branch starts with a norm of the stream it reads
+    chain_nodes = {a.node for a in chain}
+    eps_values, norm_paths, prenorm = [], [], True
+    for reads in stream.input_states:
+        consumers = _entry_consumers(g, states[reads], chain_nodes)
+        if not consumers:
+            prenorm = False
+        for c in consumers:
+            if c.op == "call_function" and c.target in _NORM_OPS:
+                idx = _NORM_OPS[c.target]
+                eps = c.args[idx] if len(c.args) > idx else None
+                if isinstance(eps, (int, float)):
+                    eps_values.append(float(eps))
+                norm_paths.append((_innermost(c) or (c.name,))[0])
+                continue
+            entry = _innermost(c)
+            if _is_norm_module(entry):
+                eps = g.module_eps(entry[0])
+                if eps is not None:
+                    eps_values.append(eps)
+                norm_paths.append(entry[0])
+                continue
+            prenorm = False
+    if prenorm:
+        stream.kind = "prenorm"
+        stream.eps = Counter(eps_values).most_common(1)[0][0] if eps_values else None
+        stream.norm_paths = sorted(set(norm_paths))
+    else:
+        stream.reason = "branches do not start with a norm of the stream: equivalence only in exact mode"
+    return stream
+
+
+def _has_conv(g: _Graph, sublayers: list[Sublayer], states: list[Node]) -> bool:
+    for s in sublayers:
+        lo = g.index[states[s.reads]]
+        for n in g.nodes[lo : g.index[s.value] + 1]:
+            if n.op == "call_function" and n.target in _CONV_OPS:
+                return True
+    return False
+
+
+def detect(gm: GraphModule, model: nn.Module | None = None) -> Detection:
+    """Find and classify every residual stream of ``gm`` (an exported, unlifted module).
+
+    ``model`` (the original module) is only used to read norm epsilons by module path.
+    """
+    g = _Graph(gm, model)
+    adds = _find_adds(g)
+    _link(g, adds)
+    streams, skipped, names = [], [], Counter()
+    for i, chain in enumerate(_chains(g, adds)):
+        stream = _classify(g, chain, i)
+        if stream.kind == "single":
+            skipped.append(stream)
+            continue
+        names[stream.name] += 1
+        if names[stream.name] > 1:
+            stream.name = f"{stream.name}_{names[stream.name] - 1}"
+        streams.append(stream)
+    return Detection(streams, skipped)

@@ -1,0 +1,159 @@
+"""Plan: what a conversion does, as plain serialisable data.
+
+The plan is the contract between detection and rewrite, and what an adapter stores:
+loading an adapter re-detects the streams of a freshly built model and checks them
+against the plan before applying it. It names every sublayer by the module path it
+came from, the block partition, mode, eps and the AttnRes parameter names.
+
+Parameter layout per stream ``<name>`` (see docs/parameters.md):
+
+* ``attnres.<name>.query``    shape ``(A + 1, d)``, zeros at init
+* ``attnres.<name>.key_gain`` shape ``(A + 1, d)``, ones at init
+
+where ``A`` is the number of distinct sublayer inputs (``A = L`` for a sequential
+stream, fewer when parallel branches share one input); row ``inputs[l]`` feeds
+sublayer ``l`` and the last row ``A`` is the stream-output aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..reference import DEFAULT_EPS, MODES, block_partition
+
+__all__ = ["StreamPlan", "ConversionPlan", "PLAN_FORMAT", "make_stream_plan"]
+
+PLAN_FORMAT = 1
+
+
+@dataclass
+class StreamPlan:
+    """The conversion of one residual stream."""
+
+    name: str
+    kind: str  # prenorm | additive
+    dim: int
+    dtype: str
+    sublayers: list[str]  # module path of each sublayer, in stream order (L entries)
+    inputs: list[int]  # query row of each sublayer's input aggregation (parallel branches share one)
+    blocks: list[list[int]]  # [start, stop) sublayer ranges
+    eps: float
+    query: str  # parameter names
+    key_gain: str
+
+    @property
+    def num_sublayers(self) -> int:
+        return len(self.sublayers)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of ``query``/``key_gain``: one per distinct input, plus the stream output."""
+        return (max(self.inputs) + 1 if self.inputs else 0) + 1
+
+    @property
+    def output_row(self) -> int:
+        return self.num_rows - 1
+
+
+@dataclass
+class ConversionPlan:
+    """Every stream to convert, and how."""
+
+    streams: list[StreamPlan]
+    mode: str = "paper"
+    full: bool = False
+    num_blocks: int | None = None
+    block_size: int | None = None
+    format: int = PLAN_FORMAT
+    notes: list[str] = field(default_factory=list)
+
+    def stream(self, name: str) -> StreamPlan:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def parameter_names(self) -> list[str]:
+        return [n for s in self.streams for n in (s.query, s.key_gain)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConversionPlan:
+        if not isinstance(data, dict) or "streams" not in data:
+            raise ValueError("a conversion plan is a dict with a 'streams' list")
+        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise ValueError(f"plan format {data.get('format')} is not supported (this version reads {PLAN_FORMAT})")
+        streams = [StreamPlan(**s) for s in data["streams"]]
+        rest = {k: v for k, v in data.items() if k != "streams"}
+        return cls(streams=streams, **rest)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> ConversionPlan:
+        return cls.from_dict(json.loads(text))
+
+
+def resolve_partition(
+    num_sublayers: int, num_blocks: int | None, block_size: int | None, full: bool, stream: str = "stream"
+) -> list[list[int]]:
+    """Block partition of one stream, as ``[start, stop)`` pairs; bad requests raise InvalidInputError."""
+    if full:
+        if num_blocks is not None or block_size is not None:
+            raise InvalidInputError(
+                "full=True is Full AttnRes (one block per sublayer); do not also pass num_blocks/block_size"
+            )
+        num_blocks = num_sublayers
+    if num_blocks is not None and block_size is not None:
+        raise InvalidInputError("pass num_blocks or block_size, not both")
+    for label, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidInputError(f"{label} must be an integer, got {value!r}")
+    if num_blocks is not None and not 1 <= num_blocks <= num_sublayers:
+        raise InvalidInputError(
+            f"num_blocks={num_blocks} is out of range for stream {stream!r}: it has {num_sublayers} sublayers, "
+            f"so num_blocks must be between 1 and {num_sublayers}"
+        )
+    if block_size is not None and block_size < 1:
+        raise InvalidInputError(f"block_size must be >= 1, got {block_size}")
+    return [[r.start, r.stop] for r in block_partition(num_sublayers, num_blocks, block_size)]
+
+
+def make_stream_plan(stream, *, num_blocks, block_size, full, eps: float | None) -> StreamPlan:
+    """Plan one detected stream (a :class:`~.detect.Stream`)."""
+    rows = {state: row for row, state in enumerate(stream.input_states)}
+    chosen_eps = eps if eps is not None else (stream.eps if stream.eps is not None else DEFAULT_EPS)
+    return StreamPlan(
+        name=stream.name,
+        kind=stream.kind,
+        dim=stream.dim,
+        dtype=str(stream.dtype).replace("torch.", ""),
+        sublayers=[s.module_path for s in stream.sublayers],
+        inputs=[rows[s.reads] for s in stream.sublayers],
+        blocks=resolve_partition(len(stream.sublayers), num_blocks, block_size, full, stream.name),
+        eps=float(chosen_eps),
+        query=f"attnres.{stream.name}.query",
+        key_gain=f"attnres.{stream.name}.key_gain",
+    )
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def check_eps(eps: float | None) -> None:
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+        raise InvalidInputError(f"eps must be a positive finite number, got {eps!r}")

@@ -1,0 +1,195 @@
+"""Rewrite: replace each planned residual stream by Block AttnRes aggregations.
+
+For a stream with start ``s_0``, branch outputs ``v_l`` and states ``s_k`` (add outputs)
+the graph gets, in stream order:
+
+* per block, partial sums ``b_n^i = b_n^{i-1} + v_l`` (new ``aten.add`` nodes); the
+  last one of a block is the completed block ``b_n``; ``b_0 = s_0``;
+* per distinct sublayer input, one ``torch.ops.attnres.block_attnres(sources, query,
+  key_gain, eps, scale)`` node whose sources are ``[b_0..b_{n-1}]`` or ``[b_0..b_{n-1},
+  partial]`` in that order; every former reader of the state (the branch's norm, any
+  other consumer) reads the aggregation instead;
+* one more aggregation over every completed block (and the last partial sum) that
+  replaces the stream output for its consumers (final norm, head, pooling).
+
+The original residual adds become dead and are removed. ``query``/``key_gain`` rows
+are selected in the graph (``aten.select``) from ``(A+1, d)`` parameters of the
+``attnres`` submodule, so the rewritten module stays a plain trainable GraphModule
+that ``torch.export`` can trace again. New nodes carry ``meta["attnres"]`` (stream,
+row, role, block) for the compile lowering.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from ..reference import mode_scale
+from .detect import Detection, Stream
+from .plan import ConversionPlan, StreamPlan
+
+aten = torch.ops.aten
+
+__all__ = ["AttnResParameters", "StreamParameters", "rewrite"]
+
+
+class StreamParameters(nn.Module):
+    """Pseudo-queries and key-norm gains of one stream: row ``r`` feeds aggregation ``r``."""
+
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(rows, dim, dtype=dtype, device=device))
+        self.key_gain = nn.Parameter(torch.ones(rows, dim, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SPEC init: zero queries (uniform depth attention), unit gains."""
+        self.query.zero_()
+        self.key_gain.fill_(1.0)
+
+
+class AttnResParameters(nn.Module):
+    """The ``attnres`` submodule: one :class:`StreamParameters` child per converted stream."""
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for child in self.children():
+            child.reset_parameters()
+
+
+class _Cursor:
+    """Insert nodes one after another, starting after ``node``."""
+
+    def __init__(self, graph: torch.fx.Graph, node: Node) -> None:
+        self.graph, self.node = graph, node
+        self.created: set[Node] = set()
+
+    def call(self, target, args, meta: dict | None = None) -> Node:
+        with self.graph.inserting_after(self.node):
+            new = self.graph.call_function(target, args)
+        self._done(new, meta)
+        return new
+
+    def get_attr(self, name: str) -> Node:
+        with self.graph.inserting_after(self.node):
+            new = self.graph.get_attr(name)
+        self._done(new, None)
+        return new
+
+    def _done(self, new: Node, meta: dict | None) -> None:
+        if meta:
+            new.meta.update(meta)
+        self.created.add(new)
+        self.node = new
+
+
+def _insertion_point(node: Node) -> Node:
+    """Where to start inserting after ``node`` (placeholders must stay first)."""
+    if node.op != "placeholder":
+        return node
+    last = node
+    for n in node.graph.nodes:
+        if n.op == "placeholder":
+            last = n
+    return last
+
+
+def _aggregate(
+    cur: _Cursor, sources: list[Node], plan: StreamPlan, row: int, mode: str, like: Node, info: dict
+) -> Node:
+    q = cur.get_attr(plan.query)
+    g = cur.get_attr(plan.key_gain)
+    qr = cur.call(aten.select.int, (q, 0, row))
+    gr = cur.call(aten.select.int, (g, 0, row))
+    meta = {"attnres": dict(info, stream=plan.name, row=row, num_sources=len(sources))}
+    if "val" in like.meta:
+        meta["val"] = like.meta["val"]
+    scale = mode_scale(mode, len(sources))
+    return cur.call(torch.ops.attnres.block_attnres.default, (list(sources), qr, gr, float(plan.eps), scale), meta)
+
+
+def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str) -> set[Node]:
+    graph = gm.graph
+    states = stream.states
+    state_of_add = {n: k for k, n in enumerate(states)}
+    added_at: dict[int, list[int]] = {}
+    for l, sub in enumerate(stream.sublayers):
+        added_at.setdefault(state_of_add[sub.add], []).append(l)
+    row_of_state = {sub.reads: plan.inputs[l] for l, sub in enumerate(stream.sublayers)}
+    block_of, last_of_block = {}, set()
+    for n, (lo, hi) in enumerate(plan.blocks):
+        for l in range(lo, hi):
+            block_of[l] = n
+        last_of_block.add(hi - 1)
+
+    completed: list[Node] = [stream.start]
+    partial: Node | None = None
+    created: set[Node] = set()
+    for j, state in enumerate(states):
+        cur = _Cursor(graph, _insertion_point(state))
+        for l in added_at.get(j, []):
+            v = stream.sublayers[l].value
+            if partial is None:
+                partial = v
+            else:
+                info = {"attnres": {"stream": plan.name, "role": "partial_sum", "block": block_of[l] + 1}}
+                if "val" in v.meta:
+                    info["val"] = v.meta["val"]
+                partial = cur.call(aten.add.Tensor, (partial, v), info)
+            if l in last_of_block:
+                completed.append(partial)
+                partial = None
+        aggregations = []
+        if j in row_of_state:
+            aggregations.append((row_of_state[j], "input"))
+        if j == len(states) - 1:
+            aggregations.append((plan.output_row, "output"))
+        for row, role in aggregations:
+            sources = completed + ([partial] if partial is not None else [])
+            info = {"role": role, "block": len(completed)}
+            h = _aggregate(cur, sources, plan, row, mode, state, info)
+            mine = cur.created
+            state.replace_all_uses_with(h, delete_user_cb=lambda user, mine=mine: user not in mine)
+        created |= cur.created
+    return created
+
+
+def _remove_dead(graph: torch.fx.Graph, roots: list[Node]) -> None:
+    """Erase the replaced adds and whatever only fed them (targeted, not a global DCE)."""
+    todo, erased = list(roots), set()
+    while todo:
+        n = todo.pop()
+        if n in erased or n.op in ("placeholder", "output", "get_attr") or n.users or n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        erased.add(n)
+        todo.extend(inputs)
+
+
+def rewrite(gm: GraphModule, detection: Detection, plan: ConversionPlan) -> GraphModule:
+    """Apply ``plan`` to ``gm`` (whose graph ``detection`` was computed on); returns a new GraphModule.
+
+    ``gm``'s graph is consumed (reused by the result). Original parameters keep their
+    names; the AttnRes parameters live under ``attnres.<stream>.{query,key_gain}``.
+    """
+    by_name = {s.name: s for s in detection.streams}
+    params = AttnResParameters()
+    for sp in plan.streams:
+        val = by_name[sp.name].start.meta.get("val")
+        device = val.device if isinstance(val, torch.Tensor) else None
+        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        params.add_module(sp.name, StreamParameters(sp.num_rows, sp.dim, dtype, device))
+    gm.add_module("attnres", params)
+    dead: list[Node] = []
+    for sp in plan.streams:
+        stream = by_name[sp.name]
+        _rewrite_stream(gm, stream, sp, plan.mode)
+        dead.extend(stream.states[1:])
+    _remove_dead(gm.graph, dead)
+    gm.graph.lint()
+    out = GraphModule(gm, gm.graph, class_name="AttnResModel")
+    out.attnres = params  # keep the typed container (GraphModule copies plain modules)
+    out.recompile()
+    return out
