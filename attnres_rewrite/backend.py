@@ -1,0 +1,136 @@
+"""The ``attnres`` torch.compile backend and :func:`compile`.
+
+``torch.compile(model, backend="attnres")`` finds this module through the
+``torch_dynamo_backends`` entry point, so no import of ``attnres_rewrite`` is needed
+first. The backend runs :func:`attnres_rewrite.passes.lower.lower_two_phase` on the
+Dynamo graph (before AOTAutograd, so the backward is derived from the two-phase ops'
+own autograd) and hands the result to Inductor with the caller's ``mode`` / options.
+Graphs without AttnRes calls go to Inductor untouched.
+
+Options of our own (``options={...}`` of ``torch.compile``; removed before Inductor
+sees the rest):
+
+* ``two_phase`` (bool, default True): apply the two-phase schedule;
+* ``report_hook`` (callable): receives a :class:`~.passes.lower.LoweringReport` per
+  compiled graph, after Inductor has compiled it (tests and debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from .passes.lower import LoweringReport, count_ops, lower_two_phase
+
+log = logging.getLogger("attnres_rewrite")
+
+OUR_OPTIONS = ("two_phase", "report_hook")
+
+_state = {"seen_attnres": False, "warned": False}
+
+
+def _warn_unconverted_once() -> None:
+    """Log (once per process) that a graph without AttnRes went through the backend.
+
+    Silent once any graph had AttnRes calls: a converted model split by graph breaks
+    legitimately yields graphs without them.
+    """
+    if _state["warned"] or _state["seen_attnres"]:
+        return
+    _state["warned"] = True
+    log.warning(
+        "attnres backend: no AttnRes nodes (torch.ops.attnres.block_attnres) found; compiling with plain Inductor. "
+        "Convert the model first: attnres_rewrite.convert(model, example_inputs, num_blocks=8), "
+        "then torch.compile(converted, backend='attnres')."
+    )
+
+
+def _split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate our options from Inductor's config options."""
+    ours, inductor = {}, {}
+    for key, value in (options or {}).items():
+        (ours if key in OUR_OPTIONS else inductor)[key] = value
+    return ours, inductor
+
+
+def _inductor_config(mode: str | None, options: dict[str, Any], dynamic: bool | None) -> dict[str, Any]:
+    """Inductor config patches for ``mode`` plus ``options``, validated like torch.compile does."""
+    wrapper = torch._TorchCompileInductorWrapper(mode, options, dynamic)
+    return dict(wrapper.config)
+
+
+def _recording_inner_compile(report: LoweringReport) -> Callable:
+    """Wrap Inductor's per-graph compiler to record the ops of each AOTAutograd graph."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    def inner(gm: fx.GraphModule, example_inputs, **kwargs):
+        kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+        report.aot_graphs.append((kind, count_ops(gm)))
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    return inner
+
+
+def attnres_backend(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    dynamic: bool | None = None,
+    two_phase: bool = True,
+    report_hook: Callable[[LoweringReport], None] | None = None,
+):
+    """Dynamo backend: two-phase lowering of AttnRes calls, then Inductor.
+
+    ``mode`` and the Inductor part of ``options`` are passed through exactly as
+    ``torch.compile(backend="inductor", mode=..., options=...)`` would apply them.
+    """
+    ours, inductor_options = _split_options(options)
+    two_phase = bool(ours.get("two_phase", two_phase))
+    report_hook = ours.get("report_hook", report_hook)
+    config = _inductor_config(mode, inductor_options, dynamic)
+
+    report = lower_two_phase(gm, two_phase=two_phase)
+    if report.attnres_nodes:
+        _state["seen_attnres"] = True
+    else:
+        _warn_unconverted_once()
+    log.debug("attnres backend: %d AttnRes calls, %d blocks lowered", report.attnres_nodes, report.phase1_calls)
+
+    from torch._inductor.compile_fx import compile_fx
+
+    if report_hook is None:
+        return compile_fx(gm, example_inputs, config_patches=config)
+    # A cache hit of AOTAutograd would skip Inductor's per-graph compiler, and with it
+    # the record of the forward/backward graphs the hook is asking for.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = compile_fx(gm, example_inputs, inner_compile=_recording_inner_compile(report), config_patches=config)
+    report_hook(report)
+    return compiled
+
+
+def compile(
+    model: torch.nn.Module,
+    *,
+    two_phase: bool = True,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+):
+    """``torch.compile`` with the ``attnres`` backend; options as in :func:`attnres_backend`.
+
+    A thin wrapper so users need not know the option plumbing of custom backends.
+    """
+    opts = {**(options or {}), "two_phase": two_phase}
+
+    def backend(gm, example_inputs):
+        return attnres_backend(gm, example_inputs, mode=mode, options=opts, dynamic=dynamic)
+
+    backend.__name__ = "attnres"
+    return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
