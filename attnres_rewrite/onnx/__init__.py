@@ -1,0 +1,28 @@
+"""ONNX export of AttnRes models, verified in onnxruntime.
+
+``export_onnx(model, example_inputs, path)`` writes an ONNX file in which every
+``torch.ops.attnres.*`` op is made of standard ONNX ops (optionally wrapped as the
+local function ``attnres.BlockAttnRes``) and checks it against PyTorch.
+
+This subpackage is named ``onnx``; inside it the ONNX library is always imported with
+absolute ``import onnx`` (absolute by default in Python 3), and our own modules with
+relative imports, so the name shadows nothing.
+"""
+
+from __future__ import annotations
+
+from .export import DEFAULT_OPSET, MIN_OPSET, ExportReport, export_onnx, max_opset
+from .function import DOMAIN, FUNCTION_NAME, function_proto
+from .translations import translation_table
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "DOMAIN",
+    "FUNCTION_NAME",
+    "MIN_OPSET",
+    "ExportReport",
+    "export_onnx",
+    "function_proto",
+    "max_opset",
+    "translation_table",
+]

@@ -1,0 +1,563 @@
+"""``export_onnx``: a converted model to an ONNX file, verified in onnxruntime.
+
+Pipeline: validate arguments (before any slow work, so a bad path or opset fails in
+milliseconds) -> ``torch.onnx.export(dynamo=True)`` with our translations of
+``torch.ops.attnres.*`` -> onnxscript optimiser (without inlining when AttnRes is a
+function) -> readable names for the dynamic axes -> save into a temporary directory
+next to the destination -> ``onnx.checker`` -> onnxruntime verification on new shapes
+-> ``os.replace`` into place (external data first, the model file last), so the
+destination either holds a complete, verified export or is left untouched.
+
+Opset: the default is 18. It is the opset the PyTorch exporter's op library (torchlib)
+is written in, so no version-conversion pass runs over the graph; the AttnRes
+translations need nothing newer (``ReduceMean`` with axes as an input is opset 18);
+and onnxruntime has run opset 18 since 1.14, so every onnxruntime 1.2x (and other
+engines that stop at 18-20, such as older TensorRT parsers) loads it. Newer opsets up
+to what both the exporter and the installed ``onnx`` support can be asked for; opsets
+below 18 are refused because the exporter cannot convert its graphs down reliably.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import ExportError
+from . import verify as _verify
+from .function import DOMAIN, DOMAIN_VERSION, function_ir
+from .runtime import Runtime, find_runtime
+from .translations import function_mode, translation_table
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 18
+#: Above this many bytes of weights the model is written with external data. Protobuf
+#: caps a message at 2 GiB; the margin leaves room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+#: Relative tolerance of verification by dtype of the model's floating parameters.
+DEFAULT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+DEFAULT_ATOL = 1e-6
+
+
+def max_opset() -> int:
+    """Highest opset both the PyTorch exporter and the installed ``onnx`` package know."""
+    import onnx
+    from torch.onnx import _constants
+
+    return min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
+@dataclass
+class ExportReport:
+    """What was exported, where, and how closely onnxruntime matches PyTorch.
+
+    ``max_rel_diff`` is ``max|onnx - torch| / max|torch|`` per output (worst output,
+    worst provider); ``None`` when verification did not run.
+    """
+
+    onnx_path: str
+    opset: int
+    as_function: bool
+    dynamic: bool
+    attnres_ops: int
+    onnx_functions: list[str]
+    external_data: str | None
+    file_bytes: int
+    input_names: list[str]
+    output_names: list[str]
+    input_shapes: dict[str, list[int | str]]
+    export_seconds: float
+    checker_passed: bool
+    verified: bool
+    verify_seconds: float | None = None
+    verify_input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    providers: list[str] = field(default_factory=list)
+    runtime: str | None = None
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    provider_results: list[_verify.ProviderResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (non-finite floats become ``None``)."""
+
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return None
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+
+        return clean(dataclasses.asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (all before the export starts)
+
+
+def _check_opset(opset: Any) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset must be an integer, got {opset!r}")
+    top = max_opset()
+    if opset < MIN_OPSET or opset > top:
+        raise ExportError(
+            f"opset {opset} is not supported: use an opset between {MIN_OPSET} and {top} "
+            f"(default {DEFAULT_OPSET}, which onnxruntime >= 1.14 runs). Opsets below {MIN_OPSET} cannot be "
+            "produced by the PyTorch exporter reliably; higher ones are unknown to the installed onnx/torch"
+        )
+    return opset
+
+
+def _check_destination(path: Any) -> Path:
+    """Resolve the destination and make sure its directory exists and accepts files."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ExportError(f"path must be a file path, got {path!r}")
+    dest = Path(path).expanduser().absolute()
+    if dest.is_dir():
+        raise ExportError(f"{dest} is a directory; pass a file path such as {dest / 'model.onnx'}")
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the directory {parent} for the ONNX file: {exc.strerror or exc}") from exc
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {dest}: {parent} is not a directory")
+    try:  # the real test of writability (os.access is meaningless for root)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".attnres-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    return dest
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# Dynamic shapes
+
+
+def _axes_for(t: Any) -> dict[int, Any] | None:
+    """Batch axis 0; sequence axis 1 for token-shaped tensors ((B, T) ids/masks, (B, T, d) floats).
+
+    ``Dim.AUTO`` lets torch.export keep an axis static where the model needs it (an
+    image size, a mel-bin count) instead of failing; the report then says what stayed
+    dynamic.
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    auto = torch.export.Dim.AUTO
+    axes = {0: auto}
+    if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
+        axes[1] = auto
+    return axes
+
+
+def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``dynamic_shapes`` for torch.export: batch and sequence axes of every tensor input."""
+    spec = lambda tree: pytree.tree_map(_axes_for, tree)  # noqa: E731
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ExportError(f"example_inputs do not match {type(model).__name__}.forward: {exc}") from exc
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _static_size_one_notes(args: tuple, kwargs: dict) -> list[str]:
+    notes = []
+    for i, t in enumerate(_verify.tensor_leaves((args, kwargs))):
+        axes = _axes_for(t) or {}
+        for axis in axes:
+            if t.shape[axis] == 1:
+                notes.append(
+                    f"input {i} has size 1 on axis {axis} in the example, so torch.export keeps that axis static; "
+                    "export with a size >= 2 there for a dynamic axis"
+                )
+    return notes
+
+
+_SYMBOL = re.compile(r"\b(s\d+)\b")
+
+
+def _rename_symbols(model, symbol_names: dict[str, str]) -> None:
+    """Rename torch.export's ``s23``-style dims to ``batch``/``seq`` throughout the graph."""
+    import onnx_ir as ir
+
+    def rename(value) -> None:
+        shape = value.shape
+        if shape is None:
+            return
+        dims, changed = [], False
+        for dim in shape:
+            if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str):
+                new = _SYMBOL.sub(lambda m: symbol_names.get(m.group(1), m.group(1)), dim.value)
+                changed |= new != dim.value
+                dims.append(ir.SymbolicDim(new))
+            else:
+                dims.append(dim)
+        if changed:
+            value.shape = ir.Shape(dims)
+
+    graph = model.graph
+    for value in [*graph.inputs, *graph.outputs]:
+        rename(value)
+    for node in graph:
+        for value in node.outputs:
+            rename(value)
+
+
+def _name_dynamic_axes(model) -> None:
+    """Give each symbolic input dim a name from the axis it first appears on."""
+    import onnx_ir as ir
+
+    base = {0: "batch", 1: "seq"}
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for value in model.graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and _SYMBOL.fullmatch(dim.value):
+                if dim.value in names:
+                    continue
+                stem = base.get(axis, f"dim{axis}")
+                name, k = stem, 1
+                while name in used:
+                    name, k = f"{stem}_{k}", k + 1
+                names[dim.value] = name
+                used.add(name)
+    if names:
+        _rename_symbols(model, names)
+
+
+# --------------------------------------------------------------------------------------
+# Export
+
+
+def _count_attnres(exported_program) -> int:
+    count = 0
+    for node in exported_program.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "attnres":
+            count += 1
+    return count
+
+
+def _fix_function_opsets(model, opset: int) -> None:
+    """Align the AttnRes function's default-domain opset with the model's.
+
+    The function body is written against opset 18; every op it uses (Cast, CastLike,
+    Mul, Add, Sqrt, Reciprocal, MatMul, ReduceMean/ReduceSum, Unsqueeze, Softmax,
+    Concat, Constant) has the same semantics up to the newest supported opset, and
+    runtimes want one version of a domain per model.
+    """
+    for function in model.functions.values():
+        if function.domain == DOMAIN and "" in function.opset_imports:
+            function.opset_imports[""] = opset
+    if any(f.domain == DOMAIN for f in model.functions.values()):
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    """The innermost useful line(s) of an exporter error (they run to pages)."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    msg = f"{type(chain[-1]).__name__}: {chain[-1]}"
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_registry(opset: int):
+    """The exporter's op registry with our translations, built once per process.
+
+    ``torch.onnx.export`` rebuilds the whole torchlib registry on every call (seconds of
+    CPU); a process that exports several models (the CLI's batch runs, the test suite)
+    pays that once here. Returns ``None`` when this torch's private exporter API does not
+    look as expected, in which case the public ``torch.onnx.export`` is used.
+    """
+    try:
+        from torch.onnx._internal.exporter import _core, _registration
+
+        params = inspect.signature(_core.export).parameters
+        if not {"registry", "opset_version", "dynamic_shapes", "optimize"} <= set(params):
+            return None
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+        for target, function in translation_table(None).items():
+            registry.register_op(target, function, is_complex=False)
+        return registry
+    except Exception:  # any drift in private API: fall back to the public path
+        return None
+
+
+def _torch_export(model, args, kwargs, opset, as_function, dynamic_shapes, optimize):
+    import onnxscript
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation/FutureWarnings are not the user's business
+        try:
+            registry = _cached_registry(opset)
+            if registry is not None:
+                from torch.onnx._internal.exporter import _core
+
+                with function_mode(as_function):
+                    program = _core.export(
+                        model,
+                        args,
+                        kwargs,
+                        registry=registry,
+                        dynamic_shapes=dynamic_shapes,
+                        verbose=False,
+                        optimize=False,
+                        opset_version=opset,
+                    )
+            else:
+                program = torch.onnx.export(
+                    model,
+                    args,
+                    kwargs=kwargs or None,
+                    dynamo=True,
+                    opset_version=opset,
+                    custom_translation_table=translation_table(as_function),
+                    dynamic_shapes=dynamic_shapes,
+                    optimize=False,
+                    verbose=False,
+                )
+        except Exception as exc:  # torch raises many kinds; the user needs the root cause
+            raise ExportError(f"torch.onnx.export failed: {_short(exc)}") from exc
+    if optimize:
+        # what torch.onnx.export(optimize=True) runs; our function is not attached yet, so
+        # inlining the exporter's own helper functions leaves the AttnRes call nodes alone
+        onnxscript.optimizer.optimize_ir(program.model)
+    if any(node.domain == DOMAIN for node in program.model.graph):
+        function = function_ir()
+        program.model.functions[function.identifier()] = function
+    _fix_function_opsets(program.model, opset)
+    return program
+
+
+def _save(program, dest: Path, external: bool) -> None:
+    """Write the model (and ``<name>.data`` when external) to ``dest``."""
+    program.save(str(dest), external_data=external)
+
+
+def _input_dims(onnx_model) -> list[list[int | str | None]]:
+    dims = []
+    for value in onnx_model.graph.input:
+        shape = value.type.tensor_type.shape
+        dims.append([d.dim_param if d.HasField("dim_param") else d.dim_value for d in shape.dim])
+    return dims
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    as_function: bool = False,
+    verify: bool = True,
+    require_attnres: bool = False,
+    external_data: bool | str = "auto",
+    verify_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    rtol: float | None = None,
+    atol: float = DEFAULT_ATOL,
+    optimize: bool = True,
+    seed: int = 0,
+) -> ExportReport:
+    """Export ``model`` (usually the output of ``attnres_rewrite.convert``) to ONNX at ``path``.
+
+    Args:
+        model: the module to export; it is put in eval mode for the export and
+            verification and restored afterwards.
+        example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs,
+            or ``(args, kwargs)``.
+        path: destination ``.onnx`` file; with external data ``<path>.data`` is written
+            beside it. Written atomically: on any error nothing is left at ``path``.
+        opset: default opset (see the module docstring for why 18 is the default).
+        dynamic: export batch and sequence axes as dynamic (``Dim.AUTO``: axes the model
+            pins stay static, and the report says so).
+        as_function: wrap every AttnRes aggregation in the ONNX local function
+            ``attnres.BlockAttnRes`` (body of standard ops) instead of inlining it.
+        verify: run the file in onnxruntime (CPU, plus CUDA when available) on inputs of
+            a different batch and sequence length and compare with PyTorch; raise
+            :class:`ExportError` with the numbers above tolerance.
+        require_attnres: raise instead of exporting a model that has no AttnRes op.
+        external_data: ``"auto"`` (external above 1.8 GiB of weights), ``True`` or ``False``.
+        verify_inputs: inputs for verification (same structure as ``example_inputs``);
+            default: resampled from the example with the dynamic axes resized.
+        dynamic_shapes: explicit ``torch.export`` dynamic shapes, overriding ``dynamic``.
+        rtol, atol: verification passes when ``max|onnx - torch| <= atol + rtol * max|torch|``
+            for every output; ``rtol`` defaults by parameter dtype (1e-4 for fp32).
+        optimize: run the onnxscript optimiser (constant folding, dead-code removal).
+        seed: seed of the verification inputs.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    opset = _check_opset(opset)
+    if external_data not in (True, False, "auto"):
+        raise ExportError(f"external_data must be True, False or 'auto', got {external_data!r}")
+    dest = _check_destination(path)
+    runtime: Runtime | None = find_runtime() if verify else None
+    args, kwargs = _verify.split_inputs(example_inputs)
+    notes: list[str] = []
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
+        notes += _static_size_one_notes(args, kwargs)
+    if rtol is None:
+        rtol = DEFAULT_RTOL.get(_model_dtype(model), 1e-4)
+
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    tmpdir = None
+    try:
+        start = time.perf_counter()
+        program = _torch_export(model, args, kwargs, opset, as_function, dynamic_shapes, optimize)
+        attnres_ops = _count_attnres(program.exported_program)
+        if attnres_ops == 0:
+            if require_attnres:
+                raise ExportError(
+                    f"{type(model).__name__} has no AttnRes op (torch.ops.attnres.*); convert it first with "
+                    "attnres_rewrite.convert(model, example_inputs), or pass require_attnres=False to export it as is"
+                )
+            notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
+        if dynamic:
+            _name_dynamic_axes(program.model)
+        initializer_bytes = sum(
+            v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
+        )
+        external = external_data is True or (external_data == "auto" and initializer_bytes > EXTERNAL_DATA_THRESHOLD)
+
+        tmpdir = Path(tempfile.mkdtemp(prefix=".attnres-export-", dir=dest.parent))
+        staged = tmpdir / dest.name
+        try:
+            _save(program, staged, external)
+        except OSError as exc:
+            raise ExportError(f"writing the ONNX file failed: {exc.strerror or exc}") from exc
+        export_seconds = time.perf_counter() - start
+
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except Exception as exc:  # onnx raises ValidationError / InferenceError
+            raise ExportError(f"the exported model fails onnx.checker: {_short(exc)}") from exc
+        header = onnx.load(str(staged), load_external_data=False)
+        input_names = [v.name for v in header.graph.input]
+        output_names = [v.name for v in header.graph.output]
+        input_dims = _input_dims(header)
+        if dynamic and input_dims and not any(isinstance(d, str) for dims in input_dims for d in dims):
+            notes.append("no input axis is dynamic in the exported graph: the model pins its input shapes")
+        staged_data = tmpdir / f"{dest.name}.data"
+        report = ExportReport(
+            onnx_path=str(dest),
+            opset=opset,
+            as_function=as_function,
+            dynamic=dynamic,
+            attnres_ops=attnres_ops,
+            onnx_functions=[f"{f.domain}.{f.name}" for f in header.functions],
+            external_data=str(dest.parent / staged_data.name) if staged_data.exists() else None,
+            file_bytes=staged.stat().st_size + (staged_data.stat().st_size if staged_data.exists() else 0),
+            input_names=input_names,
+            output_names=output_names,
+            input_shapes=dict(zip(input_names, input_dims)),
+            export_seconds=export_seconds,
+            checker_passed=True,
+            verified=False,
+            notes=notes,
+        )
+        if runtime is not None:
+            _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed)
+
+        if staged_data.exists():
+            os.replace(staged_data, dest.parent / staged_data.name)
+        os.replace(staged, dest)
+        return report
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        for m, flag in was_training.items():
+            m.training = flag
+
+
+def _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed):
+    start = time.perf_counter()
+    if verify_inputs is None:
+        v_args, v_kwargs = _verify.make_verify_inputs(args, kwargs, input_dims, seed=seed)
+    else:
+        v_args, v_kwargs = _verify.split_inputs(verify_inputs)
+    feeds = _verify.tensor_leaves((v_args, v_kwargs))
+    with torch.no_grad():
+        try:
+            expected = model(*v_args, **v_kwargs)
+        except Exception as exc:
+            raise ExportError(f"the PyTorch model failed on the verification inputs: {_short(exc)}") from exc
+    expected = _verify.tensor_leaves(expected)
+    results = []
+    for provider in runtime.providers:
+        try:
+            results.append(_verify.verify_on_provider(str(staged), provider, feeds, expected))
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxruntime errors (load failure, shape mismatch at run time)
+            raise ExportError(f"onnxruntime ({provider}) could not run the exported model: {_short(exc)}") from exc
+    report.verified = True
+    report.verify_seconds = time.perf_counter() - start
+    report.verify_input_shapes = {n: list(t.shape) for n, t in zip(report.input_names, feeds)}
+    report.providers = list(runtime.providers)
+    report.runtime = f"{runtime.distribution} {runtime.version}"
+    report.provider_results = results
+    report.rtol, report.atol = rtol, atol
+    report.max_abs_diff = max(r.max_abs_diff for r in results)
+    report.max_rel_diff = max(r.max_rel_diff for r in results)
+    if any(math.isnan(r.max_abs_diff) for r in results):
+        report.max_abs_diff = report.max_rel_diff = float("nan")
+    failures = [
+        f"{r.provider} output {d.name!r}: max abs diff {d.max_abs_diff:.3g}, max rel diff {d.max_rel_diff:.3g} "
+        f"(output max {d.torch_max_abs:.3g})"
+        for r in results
+        for d in r.outputs
+        if not (d.max_abs_diff <= atol + rtol * d.torch_max_abs)  # NaN fails too
+    ]
+    if failures:
+        raise ExportError(
+            f"ONNX output differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}) on inputs "
+            f"{report.verify_input_shapes}: " + "; ".join(failures) + ". No file was written"
+        )
