@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reference import acc
 from . import torch_kernels as K
 from .checks import check_aggregate, check_phase1, check_phase2
 
@@ -200,7 +201,7 @@ def _phase2_grad(ctx, grad_out):
     if not ctx.has_partial:
         # h = scale * o / l: two elementwise ops, left to the compiler to fuse.
         inv = (ctx.scale / l).unsqueeze(-1)
-        g_o = grad_out.float() * inv
+        g_o = acc(grad_out) * inv  # fp64 stays fp64 (gradcheck); everything else fp32
         g_l = -(g_o * o).sum(dim=-1) / l
         return (
             g_o,
