@@ -143,7 +143,7 @@ def load_adapter(model: nn.Module, example_inputs: Any, directory: str | os.Path
     detection = detect(captured.module, model)
     _match(plan, detection)
     try:
-        converted = apply_plan(captured, detection, plan)
+        converted = apply_plan(captured.take_module(), detection, plan)
     except AttnResError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -26,6 +26,9 @@ __all__ = [
     "EquivalenceReport",
     "inspect",
     "convert",
+    "convert_captured",
+    "inspect_captured",
+    "build_plan",
     "equivalence",
     "fresh_inputs",
     "save_adapter",
@@ -89,14 +92,14 @@ class InspectReport:
         return asdict(self)
 
 
-def _pipeline(model: nn.Module, example_inputs: Any) -> tuple[Captured, Detection]:
-    captured = capture(model, example_inputs)
-    return captured, detect(captured.module, model)
-
-
 def inspect(model: nn.Module, example_inputs: Any) -> InspectReport:
     """Trace ``model`` on ``example_inputs`` and report its residual streams (nothing is changed)."""
-    captured, detection = _pipeline(model, example_inputs)
+    return inspect_captured(capture(model, example_inputs))
+
+
+def inspect_captured(captured: Captured) -> InspectReport:
+    """:func:`inspect` on an existing capture (see :func:`~.passes.capture.capture`)."""
+    detection = detect(captured.module, captured.model)
     return InspectReport(
         streams=[StreamReport.from_stream(s) for s in detection.streams],
         skipped=[StreamReport.from_stream(s) for s in detection.skipped],
@@ -170,14 +173,30 @@ def convert(
     ``model`` (no copy), so a meta-device model converts without allocating weights.
     """
     _check_options(num_blocks, block_size, full, mode, eps)
-    captured, detection = _pipeline(model, example_inputs)
+    captured = capture(model, example_inputs)
+    return convert_captured(captured, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+
+
+def convert_captured(
+    captured: Captured,
+    *,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    full: bool = False,
+    mode: str = "paper",
+    eps: float | None = None,
+) -> nn.Module:
+    """:func:`convert` on an existing capture; may be called repeatedly on one capture."""
+    module = captured.take_module()
+    detection = detect(module, captured.model)
     plan = build_plan(detection, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
     plan.notes = captured.notes + plan.notes
-    return apply_plan(captured, detection, plan)
+    return apply_plan(module, detection, plan)
 
 
-def apply_plan(captured: Captured, detection: Detection, plan: ConversionPlan) -> nn.Module:
-    converted = rewrite(captured.module, detection, plan)
+def apply_plan(module: torch.fx.GraphModule, detection: Detection, plan: ConversionPlan) -> nn.Module:
+    """Rewrite ``module`` (the graph ``detection`` ran on) per ``plan``; attach the plan."""
+    converted = rewrite(module, detection, plan)
     converted.attnres_plan = plan
     return converted
 

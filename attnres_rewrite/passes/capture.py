@@ -37,6 +37,18 @@ class Captured:
     module: torch.fx.GraphModule
     dynamic: bool = True
     notes: list[str] = field(default_factory=list)
+    _module_taken: bool = False
+
+    def take_module(self) -> torch.fx.GraphModule:
+        """A GraphModule no one else rewrites: the traced one first, then fresh copies of the program.
+
+        The rewrite consumes the graph it is given, so converting one capture several
+        times (tests, benchmarks, adapters) needs a new unlifted module each time.
+        """
+        if not self._module_taken:
+            self._module_taken = True
+            return self.module
+        return self.program.module()
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
