@@ -135,6 +135,24 @@ OPCHECK_CASES = {
         OPS.block_phase2.default,
         (*phase2_inputs((3,), 4, dtype=torch.bfloat16, grad=True), EPS, 2.0, torch.bfloat16),
     ),
+    "block_attnres_mixed_dtype": lambda: (  # bf16 activations, fp32 parameters (autocast training)
+        OPS.block_attnres.default,
+        (
+            [randn(2, 3, 5, seed=i, dtype=torch.bfloat16, grad=True) for i in range(3)],
+            *agg_inputs((), 5, 0, grad=True)[1:],
+            EPS,
+            1.0,
+        ),
+    ),
+    "block_attnres_non_contiguous": lambda: (
+        OPS.block_attnres.default,
+        (
+            [randn(5, 4, 2, seed=i).permute(2, 1, 0).requires_grad_() for i in range(2)],
+            *agg_inputs((), 5, 0, grad=True)[1:],
+            EPS,
+            2.0,
+        ),
+    ),
     "block_attnres_backward": lambda: (
         OPS.block_attnres_backward.default,
         (randn(2, 5, seed=9), randn(2, 5, seed=8), *agg_inputs((2,), 5, 3), EPS, 2.0),
@@ -258,6 +276,25 @@ def test_low_precision_forward(dtype: torch.dtype, shape: tuple[int, int, int, i
     assert merged.dtype == dtype
     if k > 1:
         torch.testing.assert_close(merged.double(), naive_attnres(sources, query, gain), **FWD_TOL[dtype])
+
+
+def test_low_precision_sources_with_fp32_parameters() -> None:
+    """Under autocast the sources are bf16 while queries/gains stay fp32 parameters."""
+    sources = [randn(2, 7, 60, seed=i, dtype=torch.bfloat16, scale=1 + i, grad=True) for i in range(5)]
+    _, query, gain = agg_inputs((), 60, 0, grad=True)
+    out = OPS.block_attnres(sources, query, gain, EPS, 1.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.bfloat16])
+    grads = torch.autograd.grad(out.float().sum(), [*sources, query, gain])
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 5 + [torch.float32] * 2
+    exact = [x.detach().double().requires_grad_() for x in [*sources, query, gain]]
+    want = torch.autograd.grad(naive_attnres(exact[:5], exact[5], exact[6]).sum(), exact)
+    # Parameter gradients are fp32 sums over the (exact) bf16 inputs: fp32 accuracy, not
+    # bf16's. A backward that took ``go . out`` from the bf16-rounded output got ~5e-2 here.
+    for g, w in zip(grads[5:], want[5:]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads[:5], want[:5]):  # source gradients are rounded once to bf16
+        torch.testing.assert_close(g.double(), w, rtol=2**-8, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------
@@ -482,13 +519,13 @@ def test_block_attnres_rejects_bad_input(args, error, message) -> None:
 @pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf")])
 def test_bad_eps_is_rejected_by_every_op(eps: float) -> None:
     o, m, l = OPS.block_phase1([X], Q[None], G[None], EPS)
-    calls = [
-        lambda: OPS.block_attnres([X], Q, G, eps, 1.0),
-        lambda: OPS.block_phase1([X], Q[None], G[None], eps),
-        lambda: OPS.block_phase2(o[0], m[0], l[0], X, Q, G, eps, 1.0, torch.float32),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match=f"eps must be a positive finite number.*got {eps}"):
+    calls = {
+        "block_attnres": lambda: OPS.block_attnres([X], Q, G, eps, 1.0),
+        "block_phase1": lambda: OPS.block_phase1([X], Q[None], G[None], eps),
+        "block_phase2": lambda: OPS.block_phase2(o[0], m[0], l[0], X, Q, G, eps, 1.0, torch.float32),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"attnres.{name}: eps must be a positive finite number.*got {eps}"):
             call()
 
 

@@ -14,9 +14,10 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_eps(eps: float) -> None:
+def check_eps(eps: float, op: str = "") -> None:
     if not (eps > 0.0) or eps != eps or eps == float("inf"):
-        raise ValueError(f"eps must be a positive finite number (RMSNorm epsilon), got {eps}")
+        prefix = f"{op}: " if op else ""
+        raise ValueError(f"{prefix}eps must be a positive finite number (RMSNorm epsilon), got {eps}")
 
 
 def check_sources(sources: Sequence[Tensor], op: str) -> Tensor:
@@ -69,7 +70,7 @@ def check_aggregate(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, 
     first = check_sources(sources, op)
     check_vector(query, "query", first, op)
     check_vector(key_gain, "key_gain", first, op)
-    check_eps(eps)
+    check_eps(eps, op)
     return first
 
 
@@ -80,7 +81,7 @@ def check_phase1(sources: Sequence[Tensor], queries: Tensor, key_gains: Tensor, 
         raise ValueError(f"{op}: queries must be (S, d) with S >= 1 (one row per sublayer of the block), got {shape}")
     check_vector(queries, "queries", first, op, rows=queries.shape[0])
     check_vector(key_gains, "key_gains", first, op, rows=queries.shape[0])
-    check_eps(eps)
+    check_eps(eps, op)
     return first
 
 
@@ -103,4 +104,4 @@ def check_phase2(
             raise ValueError(f"{op}: partial sum has shape {tuple(partial.shape)} but o has {tuple(o.shape)}")
     check_vector(query, "query", o, op)
     check_vector(key_gain, "key_gain", o, op)
-    check_eps(eps)
+    check_eps(eps, op)
