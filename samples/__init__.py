@@ -33,7 +33,8 @@ SAMPLES: dict[str, Callable[..., tuple[nn.Module, tuple[Tensor, ...]]]] = {
 }
 
 
-def _module(name: str) -> ModuleType:
+def module(name: str) -> ModuleType:
+    """The sample's module (its ``Config`` dataclass, ``KIND``, ``DYNAMIC_DIMS``)."""
     if name not in _MODULES:
         raise ModelSourceError(f"unknown sample {name!r}; available samples: {', '.join(SAMPLES)}")
     return _MODULES[name]
@@ -41,16 +42,16 @@ def _module(name: str) -> ModuleType:
 
 def get(name: str, **overrides: Any) -> tuple[nn.Module, tuple[Tensor, ...]]:
     """Build sample ``name``; ``overrides`` change its config (e.g. ``layers=2, dropout=0.0``)."""
-    return _module(name).build(**overrides)
+    return module(name).build(**overrides)
 
 
 def kind(name: str) -> str:
     """The classification the detector should give the sample's stream."""
-    return _module(name).KIND
+    return module(name).KIND
 
 
 def dynamic_shapes(name: str) -> tuple[dict[int, Any], ...]:
     """``dynamic_shapes`` for ``torch.export.export``: ``Dim.AUTO`` on each varying axis."""
     from torch.export import Dim
 
-    return tuple({axis: Dim.AUTO for axis in dims} for dims in _module(name).DYNAMIC_DIMS)
+    return tuple({axis: Dim.AUTO for axis in dims} for dims in module(name).DYNAMIC_DIMS)

@@ -20,7 +20,7 @@ NAMES = list(samples.SAMPLES)
 def _resized(name: str) -> tuple[torch.Tensor, ...]:
     """Inputs with a batch (and for token models, sequence) size unlike the example's."""
     overrides = {"batch": 3, "seed": 5}
-    if any(1 in dims for dims in samples._MODULES[name].DYNAMIC_DIMS):
+    if any(1 in dims for dims in samples.module(name).DYNAMIC_DIMS):
         overrides["seq"] = 11
     return samples.get(name, **overrides)[1]
 
@@ -66,7 +66,7 @@ def test_build_leaves_global_rng_alone(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_hidden_size_is_not_a_power_of_two(name: str) -> None:
     model, _ = samples.get(name)
-    cfg = samples._MODULES[name].Config()
+    cfg = samples.module(name).Config()
     width = getattr(cfg, "dim", None) or cfg.channels
     assert width & (width - 1) != 0, width
     assert any(p.shape[-1] == width for p in model.parameters())
