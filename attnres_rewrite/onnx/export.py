@@ -188,12 +188,20 @@ def _axes_for(t: Any) -> dict[int, Any] | None:
 
 
 def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """``dynamic_shapes`` for torch.export: batch and sequence axes of every tensor input."""
+    """``dynamic_shapes`` for torch.export: batch and sequence axes of every tensor input.
+
+    Keyed by the names of ``forward``'s parameters, so ``*args``/``**kwargs`` parameters
+    get the nested structure torch.export expects.
+    """
     spec = lambda tree: pytree.tree_map(_axes_for, tree)  # noqa: E731
-    if not kwargs:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no introspectable signature: positional inputs only
+        if kwargs:
+            raise ExportError(f"cannot map keyword inputs onto {type(model).__name__}.forward") from None
         return tuple(spec(a) for a in args)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise ExportError(f"example_inputs do not match {type(model).__name__}.forward: {exc}") from exc
     return {name: spec(value) for name, value in bound.arguments.items()}
@@ -292,13 +300,19 @@ def _fix_function_opsets(model, opset: int) -> None:
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
-    """The innermost useful line(s) of an exporter error (they run to pages)."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
+    """The root cause of an exporter error (its messages run to pages).
+
+    Follows explicit causes (``raise ... from``) down to the innermost one, which is
+    where torch puts the actual reason; implicit contexts are mostly noise.
+    """
+    seen = set()
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
         seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    msg = f"{type(chain[-1]).__name__}: {chain[-1]}"
+        exc = exc.__cause__
+    text = str(exc).strip()
+    for marker in ("\n\nFor more information", "\n\nThe error above"):
+        text = text.split(marker)[0]
+    msg = f"{type(exc).__name__}: {text}"
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
@@ -407,8 +421,8 @@ def export_onnx(
     Args:
         model: the module to export; it is put in eval mode for the export and
             verification and restored afterwards.
-        example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs,
-            or ``(args, kwargs)``.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword
+            inputs (as for ``convert``).
         path: destination ``.onnx`` file; with external data ``<path>.data`` is written
             beside it. Written atomically: on any error nothing is left at ``path``.
         opset: default opset (see the module docstring for why 18 is the default).

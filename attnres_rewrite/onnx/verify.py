@@ -50,24 +50,17 @@ class ProviderResult:
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Normalise ``example_inputs`` to ``(args, kwargs)``.
 
-    Accepts a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or
-    an ``(args_tuple, kwargs_dict)`` pair.
+    Accepts what ``attnres_rewrite.convert`` accepts: a tensor, a tuple/list of
+    positional inputs, or a dict of keyword inputs.
     """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
-    if (
-        isinstance(example_inputs, tuple)
-        and len(example_inputs) == 2
-        and isinstance(example_inputs[0], (tuple, list))
-        and isinstance(example_inputs[1], Mapping)
-    ):
-        return tuple(example_inputs[0]), dict(example_inputs[1])
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     raise ExportError(
-        f"example_inputs must be a tensor, a tuple of inputs, a dict of keyword inputs or (args, kwargs); "
+        "example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs; "
         f"got {type(example_inputs).__name__}"
     )
 
