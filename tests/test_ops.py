@@ -575,6 +575,11 @@ BAD_PHASE2 = [
     (lambda o, m, l: (o, m, l[None], X), ValueError, r"m, l \(\*tokens\)"),
     (lambda o, m, l: (o, m, l, torch.randn(3, 3)), ValueError, r"partial sum has shape \(3, 3\) but o has \(2, 3\)"),
     (lambda o, m, l: (o, m, l, X.int()), TypeError, "dtype torch.int32"),
+    (lambda o, m, l: (o.int(), m, l, X), TypeError, "o must be the fp32 phase-1 statistic, got torch.int32"),
+    (lambda o, m, l: (o, m.half(), l, X), TypeError, "m must be the fp32 phase-1 statistic, got torch.float16"),
+    (lambda o, m, l: (o, m, l, X.to("meta")), TypeError, "partial sum is on meta but o is on cpu"),
+    (lambda o, m, l: (o, m, l.to("meta"), X), TypeError, "l is on meta but o is on cpu"),
+    (lambda o, m, l: (o, m.to("meta"), l, None), TypeError, "m is on meta but o is on cpu"),
 ]
 
 

@@ -98,6 +98,11 @@ def check_phase2(
             f"{op}: o must be (*tokens, d) and m, l (*tokens); got o {tuple(o.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)}. "
             "Pass one query's slice of the phase-1 outputs (o[s], m[s], l[s])"
         )
+    # Devices are checked here, not left to the dispatcher: one meta tensor among cpu ones
+    # routes the call to the fake impl, which would return an uninitialised cpu tensor.
+    for name, t in (("m", m), ("l", l), ("partial sum", partial)):
+        if t is not None and isinstance(t, Tensor) and t.device != o.device:
+            raise TypeError(f"{op}: {name} is on {t.device} but o is on {o.device}; move them to one device")
     if partial is not None:
         check_sources([partial], op)
         if partial.shape != o.shape:
