@@ -96,6 +96,7 @@ def attnres_backend(
     config = _inductor_config(mode, inductor_options, dynamic)
 
     report = lower_two_phase(gm, two_phase=two_phase)
+    report.inductor_config = config
     if report.attnres_nodes:
         _state["seen_attnres"] = True
     else:

@@ -119,6 +119,7 @@ class LoweringReport:
     """What the pass found and did; handed to the backend's ``report_hook``.
 
     ``graph_module`` is the graph after the pass (before AOTAutograd);
+    ``inductor_config`` holds the Inductor config patches the backend applied and
     ``aot_graphs`` is filled by the backend with the ``attnres`` op counts of every
     graph Inductor compiles (``forward``, ``backward`` or ``inference``).
     """
@@ -128,6 +129,7 @@ class LoweringReport:
     left_alone: int = 0
     two_phase: bool = True
     graph_module: fx.GraphModule | None = None
+    inductor_config: dict = field(default_factory=dict)
     aot_graphs: list[tuple[str, dict[str, int]]] = field(default_factory=list)
 
     @property

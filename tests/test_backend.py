@@ -1,0 +1,175 @@
+"""The ``attnres`` torch.compile backend end to end: convert, compile with Inductor, compare with eager.
+
+The reference is always the same converted module run eagerly (one ``block_attnres``
+per sublayer, PyTorch kernels); the compiled run goes through the two-phase lowering,
+AOTAutograd and Inductor. Models are tiny and the number of compiles is kept small:
+Inductor on CPU builds C++ for every graph.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_lower import ToyStream
+
+import attnres_rewrite
+from attnres_rewrite.passes.lower import count_ops
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _randomize_attnres(model: torch.nn.Module) -> None:
+    """Non-zero queries and non-unit gains, so the depth softmax is far from uniform."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("attnres.") and name.endswith("query"):
+                p.normal_(0.0, 0.5)
+            elif name.startswith("attnres.") and name.endswith("key_gain"):
+                p.uniform_(0.8, 1.2)
+
+
+def _converted(model, inputs, num_blocks):
+    model = model.to(DEVICE)
+    inputs = tuple(t.to(DEVICE) for t in inputs)
+    converted = attnres_rewrite.convert(model, inputs, num_blocks=num_blocks)
+    _randomize_attnres(converted)
+    return converted, inputs
+
+
+def _run(model, inputs, run=None):
+    """Output and every parameter gradient of a weighted squared loss."""
+    model.zero_grad(set_to_none=True)
+    out = (model if run is None else run)(*inputs)
+    weights = torch.linspace(-1, 1, out.shape[-1], device=out.device)
+    (out.float() * weights).square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_close(got, want, name):
+    """fp32 tolerance scaled by the tensor's magnitude: a wrong schedule is off by O(1)."""
+    scale = want.abs().max().item() + 1e-12
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _assert_matches_eager(model, inputs, compiled):
+    want, want_grads = _run(model, inputs)
+    got, got_grads = _run(model, inputs, compiled)
+    _assert_close(got, want, "output")
+    assert set(got_grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in want_grads.items():
+        _assert_close(got_grads[name], grad, name)
+
+
+def _compile(model, reports, **kwargs):
+    return attnres_rewrite.compile(model, options={"report_hook": reports.append}, **kwargs)
+
+
+def _assert_schedule(report, blocks):
+    """One phase 1 per block in the pass's graph, in the forward and in the backward graph."""
+    assert count_ops(report.graph_module).get("block_phase1", 0) == blocks
+    assert report.left_alone == 0
+    graphs = dict(report.aot_graphs)
+    assert graphs["forward"].get("block_phase1") == blocks and "block_attnres" not in graphs["forward"]
+    assert graphs["backward"].get("block_phase1_backward") == blocks
+
+
+def test_llama_sample_training_two_lengths_one_compile():
+    """dynamic=True: two sequence lengths share one compiled graph (one backend call)."""
+    samples = pytest.importorskip("samples")
+    model, inputs = samples.get("llama", layers=2, dropout=0.0)
+    converted, inputs = _converted(model, inputs, num_blocks=2)
+    reports = []
+    compiled = _compile(converted, reports, dynamic=True, fullgraph=True)
+    longer = (torch.randint(0, 97, (inputs[0].shape[0], inputs[0].shape[1] + 4), device=DEVICE),)
+    for ids in (inputs, longer):
+        _assert_matches_eager(converted, ids, compiled)
+    assert len(reports) == 1
+    # 4 sublayers in 2 blocks of 2; the stream output joins the last block's phase 1.
+    assert reports[0].groups == [(1, 2), (2, 3)]
+    _assert_schedule(reports[0], blocks=2)
+
+
+def test_vit_sample_training():
+    samples = pytest.importorskip("samples")
+    model, inputs = samples.get("vit", layers=2, dropout=0.0)
+    converted, inputs = _converted(model, inputs, num_blocks=2)
+    reports = []
+    _assert_matches_eager(converted, inputs, _compile(converted, reports))
+    assert reports[0].groups == [(1, 2), (2, 3)]
+    _assert_schedule(reports[0], blocks=2)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """HF models return a ModelOutput; the comparison wants the logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def test_hf_llama_training():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = _LogitsOnly(transformers.LlamaForCausalLM(cfg).eval())
+    converted, inputs = _converted(model, (torch.randint(0, 64, (2, 7)),), num_blocks=2)
+    reports = []
+    _assert_matches_eager(converted, inputs, _compile(converted, reports))
+    _assert_schedule(reports[0], blocks=2)
+
+
+def test_mode_options_fullgraph_and_no_grad():
+    """Inference graph, Inductor mode passed through, the schedule still applied."""
+    model = ToyStream(layers=4, num_blocks=2).to(DEVICE)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    reports = []
+    compiled = _compile(model, reports, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    with torch.no_grad():
+        _assert_close(compiled(x), model(x), "output")
+    (report,) = reports
+    assert report.inductor_config.get("max_autotune") is True
+    assert not report.inductor_config.get("triton.cudagraphs", False)
+    assert [kind for kind, _ in report.aot_graphs] == ["inference"]
+    assert report.aot_graphs[0][1].get("block_phase1") == 2
+
+
+_SUBPROCESS = textwrap.dedent(
+    """
+    import sys, torch
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    assert "attnres_rewrite" not in sys.modules
+    compiled = torch.compile(model, backend="attnres", dynamic=False)  # resolved through the entry point
+    for batch in (2, 3):  # two graphs, one log line
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(compiled(x), model(x))
+    print("OK", "attnres_rewrite" in sys.modules)
+    """
+)
+
+
+def test_entry_point_without_import_and_unconverted_model_logs_once():
+    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["OK", "True"]
+    assert proc.stderr.count("no AttnRes nodes") == 1, proc.stderr
+    assert "attnres_rewrite.convert(" in proc.stderr
