@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# CI runs `pytest -n 2` on two cores: one intra-op thread per worker avoids the
+# oversubscription that makes small ops 100x slower on a contended machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
