@@ -76,8 +76,10 @@ _ACT_OPS = {
     aten.elu.default,
     aten.mish.default,
 }
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
 _CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv1d.default, aten.conv3d.default}
 _NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
+_TRIVIAL_WRAPPERS = ("torch.nn.modules.dropout.", "torch.nn.modules.linear.Identity", "torch.nn.modules.activation.")
 _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 
@@ -166,7 +168,11 @@ def _is_see_through(node: Node) -> bool:
     if not isinstance(src, Node):
         return False
     a, b = _shape_key(src), _shape_key(node)
-    return a is not None and a == b
+    if a is None or b is None:
+        return False
+    if node.target in _RESHAPES:  # (B, T, d) <-> (B*T, d): same value, feature axis kept
+        return len(a) >= 1 and len(b) >= 1 and a[-1] == b[-1]
+    return a == b
 
 
 class _Graph:
@@ -279,7 +285,7 @@ class _Add:
     stream_root: Node  # the state this add continues
     branches: list[Node]
     reads_root: Node  # the value the branches read
-    link: str = "plain"  # plain | postnorm | postact
+    link: str = "plain"  # plain | postnorm | postact | reshape
     link_node: Node | None = None
 
 
@@ -338,6 +344,10 @@ def _link(g: _Graph, adds: dict[Node, _Add]) -> None:
         if r.op == "call_function" and r.target in _ACT_OPS and isinstance(r.args[0], Node):
             if g.root(r.args[0]) in adds:
                 add.link, add.link_node = "postact", r
+                continue
+        if r.op == "call_function" and r.target in _RESHAPES and isinstance(r.args[0], Node):
+            if g.root(r.args[0]) in adds:
+                add.link, add.link_node = "reshape", r
 
 
 def _predecessor(g: _Graph, add: _Add, adds: dict[Node, _Add]) -> Node | None:
@@ -346,7 +356,7 @@ def _predecessor(g: _Graph, add: _Add, adds: dict[Node, _Add]) -> Node | None:
         return r
     if add.link == "postnorm":
         return g.root(g.norm_input(r)[0])
-    if add.link == "postact":
+    if add.link in ("postact", "reshape"):
         return g.root(r.args[0])
     return None
 
@@ -373,20 +383,19 @@ def _chains(g: _Graph, adds: dict[Node, _Add]) -> list[list[_Add]]:
 def _sublayer_path(value: Node, add: Node) -> str:
     """The module that produced the branch: just below the module holding the add.
 
-    A trivial ``torch.nn`` leaf (dropout, linear) there means the add's own module is
+    A trivial ``torch.nn`` wrapper (dropout, identity, activation) there means the add's own module is
     the sublayer (T5's ``T5LayerFF`` holds both the norm, the MLP and the add).
     """
     vstack, astack = _module_stack(value), _module_stack(add)
     common = 0
     while common < min(len(vstack), len(astack)) and vstack[common][0] == astack[common][0]:
         common += 1
+    owner = astack[common - 1][0] if common else ""
     if common < len(vstack):
         path, cls = vstack[common]
-        if not cls.startswith("torch.nn.modules."):
+        if not owner or not cls.startswith(_TRIVIAL_WRAPPERS):
             return path
-    if common:
-        return astack[common - 1][0]
-    return vstack[-1][0] if vstack else value.name
+    return owner or (vstack[-1][0] if vstack else value.name)
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -426,7 +435,7 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     for k, add in enumerate(chain, start=1):
         reads = state_index.get(add.reads_root, k - 1)
         for br in add.branches:
-            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(br, add.node)))
+            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(g.root(br), add.node)))
     val = _val(states[-1])
     dim = int(val.shape[-1]) if isinstance(val, torch.Tensor) and not isinstance(val.shape[-1], torch.SymInt) else -1
     paths = [s.module_path for s in sublayers]
@@ -452,7 +461,7 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
             f"{where(links[0].link_node)}); AttnRes needs a stream of raw sums"
         )
         return stream
-    if links:
+    if links and links[0].link == "postact":
         stream.kind, stream.convertible = "postact", False
         stream.reason = (
             f"post-activation: an activation is applied after every add, act(x + f(x)) (at "
