@@ -156,3 +156,24 @@ def test_two_phase_off_leaves_the_graph_alone():
     _check_against_eager(model, rec)
     assert rec.reports[0].phase1_calls == 0
     assert count_ops(rec.reports[0].graph_module) == {"block_attnres": 7}
+
+
+def test_bfloat16_stream_keeps_its_dtype():
+    """Phase 2 gets the aggregate's dtype from the graph's metadata, not a default."""
+    torch._dynamo.reset()
+    model, rec = ToyStream(4, 2).to(torch.bfloat16), Recorder()
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend=rec, fullgraph=True)(x)
+    assert got.dtype == torch.bfloat16
+    assert rec.reports[0].phase1_calls == 2
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_graph_without_metadata_is_left_alone():
+    """Without dtype metadata (a plain symbolic trace) the pass refuses rather than guesses."""
+    gm = torch.fx.symbolic_trace(ToyStream(6, 3))
+    report = lower_two_phase(gm)
+    assert report.attnres_nodes == 7 and report.phase1_calls == 0 and report.left_alone == 7
+    assert count_ops(gm) == {"block_attnres": 7}

@@ -244,18 +244,22 @@ def _stacked(graph: fx.Graph, nodes: list[fx.Node], point: fx.Node, order: dict)
 def _lower_group(graph: fx.Graph, group: BlockGroup, order: dict) -> bool:
     """Rewrite one block into phase 1 + per-sublayer phase 2; False leaves it untouched."""
     calls = sorted(group.calls, key=lambda c: order[c.node])
+    dtypes = [_out_dtype(c) for c in calls]
+    if None in dtypes:  # phase 2 needs the output dtype as a constant; do not guess it
+        return False
     point = calls[0].node
     queries = _stacked(graph, [c.query for c in calls], point, order)
-    gains = _stacked(graph, [c.key_gain for c in calls], point, order)
-    if queries is None or gains is None:
+    gains = _stacked(graph, [c.key_gain for c in calls], point, order) if queries is not None else None
+    if gains is None:
+        if queries is not None:
+            graph.erase_node(queries)
         return False
     stats = _emit(
         graph, point, torch.ops.attnres.block_phase1.default, (list(group.completed), queries, gains, group.eps)
     )
     o, m, l = (_emit(graph, point, operator.getitem, (stats, k)) for k in range(3))
-    for s, call in enumerate(calls):
+    for s, (call, dtype) in enumerate(zip(calls, dtypes)):
         o_s, m_s, l_s = (_emit(graph, call.node, torch.ops.aten.select.int, (t, 0, s)) for t in (o, m, l))
-        dtype = _out_dtype(call)
         args = (o_s, m_s, l_s, group.partial_of(call), call.query, call.key_gain, group.eps, call.scale, dtype)
         merged = _emit(graph, call.node, torch.ops.attnres.block_phase2.default, args)
         call.node.replace_all_uses_with(merged)
@@ -263,12 +267,13 @@ def _lower_group(graph: fx.Graph, group: BlockGroup, order: dict) -> bool:
     return True
 
 
-def _out_dtype(call: _Call) -> torch.dtype:
-    value = call.node.meta.get("example_value", call.node.meta.get("val"))
-    if isinstance(value, torch.Tensor):
-        return value.dtype
-    src = call.sources[0].meta.get("example_value", call.sources[0].meta.get("val"))
-    return src.dtype if isinstance(src, torch.Tensor) else torch.float32
+def _out_dtype(call: _Call) -> torch.dtype | None:
+    """The aggregate's dtype (that of its sources), from Dynamo's or export's metadata."""
+    for node in (call.node, call.sources[0]):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+    return None
 
 
 def lower_two_phase(gm: fx.GraphModule, two_phase: bool = True, min_group: int = 2) -> LoweringReport:
