@@ -86,7 +86,11 @@ def load_model(spec: str, *, batch: int | None, seq_len: int | None, seed: int) 
 def convert(resolved: ResolvedModel, options: ConversionOptions) -> nn.Module:
     api = backend("api")
     with output.step("Converting residual streams"):
-        return api.convert(resolved.fresh(), resolved.example_inputs, **options.kwargs())
+        # convert shares the original's parameters (no copy), so resolved.model stays the reference
+        converted = api.convert(resolved.model, resolved.example_inputs, **options.kwargs())
+    for line in getattr(converted.attnres_plan, "notes", []):
+        output.note(line)
+    return converted
 
 
 def check_adapter_dir(directory: Path) -> None:
@@ -106,7 +110,7 @@ def load_adapter(resolved: ResolvedModel, directory: Path) -> nn.Module:
     api = backend("api")
     with output.step(f"Applying adapter {directory}"):
         try:
-            return api.load_adapter(resolved.fresh(), resolved.example_inputs, directory)
+            return api.load_adapter(resolved.model, resolved.example_inputs, directory)
         except AttnResError:
             raise
         except (ValueError, KeyError, OSError) as exc:  # unreadable JSON/safetensors surface as these
@@ -122,26 +126,6 @@ def converted_model(resolved: ResolvedModel, adapter: Path | None, options: Conv
             )
         return load_adapter(resolved, adapter)
     return convert(resolved, options)
-
-
-def fresh_inputs(example_inputs: Any, seed: int) -> Any:
-    """Inputs shaped like the examples but new values, so checks do not just replay the trace.
-
-    Floats are redrawn from a normal distribution; integer tensors (token ids) are redrawn
-    uniformly below the examples' maximum + 1, which keeps ids inside the vocabulary.
-    Booleans (masks) are kept.
-    """
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def redraw(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.dtype == torch.bool:
-            return x
-        if x.is_floating_point():
-            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        high = int(x.max()) + 1 if x.numel() else 1
-        return torch.randint(0, max(high, 1), x.shape, generator=gen, dtype=x.dtype).to(x.device)
-
-    return pytree.tree_map(redraw, example_inputs)
 
 
 def call(model: nn.Module, inputs: Any) -> Any:
@@ -168,9 +152,28 @@ def max_diffs(reference: Any, candidate: Any) -> tuple[float, float]:
     return abs_diff, abs_diff / scale if scale > 0 else abs_diff
 
 
-def compare(original: nn.Module, converted: nn.Module, inputs: Any) -> tuple[float, float]:
-    with torch.no_grad():
-        return max_diffs(call(original.eval(), inputs), call(converted.eval(), inputs))
+def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int) -> dict[str, Any]:
+    """The API's check on fresh inputs (other batch and sequence sizes than the trace)."""
+    api = backend("api")
+    with output.step("Checking equivalence on fresh inputs"):
+        report = api.equivalence(resolved.model, converted, resolved.example_inputs, seed=seed)
+    return report.to_dict()
+
+
+def plan_summary(converted: nn.Module) -> dict[str, Any]:
+    """The report fields describing what was converted: counts plus the per-stream partition."""
+    plan = converted.attnres_plan
+    streams = [
+        {"name": s.name, "kind": s.kind, "sublayers": s.num_sublayers, "blocks": s.blocks, "eps": s.eps}
+        for s in plan.streams
+    ]
+    return {
+        "streams_converted": len(streams),
+        "sublayers": sum(s.num_sublayers for s in plan.streams),
+        "blocks": sum(s.num_blocks for s in plan.streams),
+        "streams": streams,
+        "notes": list(plan.notes),
+    }
 
 
 def count_params(model: nn.Module) -> int:
@@ -200,6 +203,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.{os.getpid()}.old")
@@ -210,6 +214,15 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; an output should get the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def device_of(name: str | None) -> torch.device:

@@ -15,9 +15,12 @@ Exit codes (documented in docs/cli.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -63,7 +66,8 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _quiet_libraries(debug_enabled(kwargs.get("ctx"), bool(kwargs.get("debug")))):
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # typer already knows how to report these (usage errors exit with 2)
         except Exception as exc:
@@ -79,6 +83,28 @@ def guarded(fn: F) -> F:
             _fail("interrupted", EXIT_INTERRUPTED, debug_enabled(kwargs.get("ctx"), bool(kwargs.get("debug"))))
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool):
+    """Hide library deprecation chatter (torch, transformers, onnx) that users cannot act on.
+
+    Scoped with ``catch_warnings`` so an in-process caller (tests, notebooks) keeps its
+    own filters; ``--debug`` shows everything.
+    """
+    if debug:
+        yield
+        return
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping torchvision::nms"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        onnx_log.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:

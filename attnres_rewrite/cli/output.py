@@ -16,7 +16,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -30,7 +32,7 @@ def stdout() -> Console:
 
 
 def note(message: str) -> None:
-    stderr().print(f"[dim]{message}[/dim]")
+    stderr().print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
 
 @contextmanager
@@ -38,10 +40,10 @@ def step(label: str) -> Iterator[None]:
     """Show a spinner for a long step on a terminal; log its completion and duration to stderr."""
     console = stderr()
     start = time.perf_counter()
-    spinner = console.status(f"{label}...") if console.is_terminal else nullcontext()
+    spinner = console.status(f"{escape(label)}...") if console.is_terminal else nullcontext()
     with spinner:  # on failure nothing is logged here: the error message that follows says it all
         yield
-    console.print(f"[green]✓[/green] {label} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
+    console.print(f"[green]✓[/green] {escape(label)} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
 
 
 def jsonable(value: Any) -> Any:
@@ -79,15 +81,19 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    t = Table(title=title, title_justify="left", show_lines=False)
+def table(title: str | None, columns: list[str], rows: list[list[Any]], *, header: bool = True) -> None:
+    """A table on stdout; the title is a line of its own so long paths never wrap inside it."""
+    console = stdout()
+    if title:
+        console.print(f"[bold]{escape(title)}[/bold]", soft_wrap=True)
+    t = Table(show_header=header, box=box.SIMPLE_HEAD if header else None, pad_edge=False, show_edge=False)
     for column in columns:
         t.add_column(column, overflow="fold")
     for row in rows:
-        t.add_row(*(fmt(v) for v in row))
-    stdout().print(t)
+        t.add_row(*(escape(fmt(v)) for v in row))
+    console.print(t)
 
 
 def summary(title: str, pairs: list[tuple[str, Any]]) -> None:
-    """A two-column key/value table for single results (convert, export, verify)."""
-    table(title, ["", ""], [[k, v] for k, v in pairs])
+    """Key/value lines for single results (convert, export, verify)."""
+    table(title, ["", ""], [[k, v] for k, v in pairs], header=False)

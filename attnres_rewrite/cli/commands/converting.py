@@ -36,16 +36,18 @@ def run(
     start = time.perf_counter()
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.convert(resolved, options)
-    with output.step("Checking equivalence on fresh inputs"):
-        max_abs, max_rel = common.compare(resolved.model, converted, common.fresh_inputs(resolved.example_inputs, seed))
+    check = common.equivalence(resolved, converted, seed)
+    max_abs, max_rel = check["max_abs"], check["max_rel"]
     report: dict[str, Any] = {
         "model": spec,
         "mode": options.mode,
         **common.plan_summary(converted),
         "params_original": common.count_params(resolved.model),
-        "params_added": common.count_params(converted) - common.count_params(resolved.model),
+        "params_added": common.count_params(converted.attnres),
         "max_abs_diff": max_abs,
         "max_rel_diff": max_rel,
+        "check_input_shapes": check["input_shapes"],
+        "outputs_finite": check["finite"],
         "adapter": str(out),
         "files": [*common.ADAPTER_FILES, "report.json"],
         "attnres_version": __version__,

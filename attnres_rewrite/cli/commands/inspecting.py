@@ -22,32 +22,38 @@ def run(
     seed: int,
     as_json: bool,
 ) -> None:
-    options = common.ConversionOptions(blocks, block_size, full)
+    common.ConversionOptions(blocks, block_size, full)  # validates the combination
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     api = common.backend("api")
     with output.step("Tracing and detecting residual streams"):
-        report = api.inspect(resolved.model, resolved.example_inputs, **common.partition_kwargs(api.inspect, options))
+        report = api.inspect(resolved.model, resolved.example_inputs)
     payload: dict[str, Any] = {"model": spec, **report.to_dict()}
+    if blocks or block_size or full:  # preview another partition than convert's default
+        from attnres_rewrite.passes.plan import resolve_partition
+
+        for stream in payload["streams"]:
+            if stream["convertible"]:
+                stream["blocks"] = resolve_partition(stream["num_sublayers"], blocks, block_size, full, stream["name"])
     if as_json:
         output.emit_json(payload)
         return
-    streams = payload.get("streams", [])
+    streams = payload["streams"]
     output.table(
         f"Residual streams of {spec}",
         ["stream", "kind", "convertible", "sublayers", "blocks", "reason"],
-        [
-            [s.get("name"), s.get("kind"), s.get("convertible"), s.get("sublayers"), _partition(s), s.get("reason")]
-            for s in streams
-        ],
+        [[s["name"], s["kind"], s["convertible"], s["num_sublayers"], _partition(s), s["reason"]] for s in streams],
     )
-    if not any(s.get("convertible") for s in streams):
+    for line in payload.get("notes", []):
+        output.note(line)
+    if payload.get("skipped"):
+        output.note(f"{len(payload['skipped'])} single residual add(s) skipped (not streams); see --json")
+    if not any(s["convertible"] for s in streams):
         output.note("no convertible stream: `attnres convert` would refuse this model (see the reasons above).")
 
 
 def _partition(stream: dict[str, Any]) -> str | None:
-    """Block sizes as ``4+4+2`` (what ``--blocks``/``--block-size`` would give), for convertible streams."""
-    blocks = stream.get("blocks") or stream.get("partition")
-    if not stream.get("convertible") or not blocks:
+    """Block sizes as ``3: 2+2+2`` (count: sublayers per block), for convertible streams."""
+    if not stream["convertible"] or not stream.get("blocks"):
         return None
-    sizes = [len(b) if isinstance(b, (list, tuple)) else b for b in blocks]
-    return f"{len(sizes)}: " + "+".join(str(s) for s in sizes)
+    sizes = [stop - start for start, stop in stream["blocks"]]
+    return f"{len(sizes)}: " + "+".join(str(n) for n in sizes)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidInputError
+from ...errors import AttnResError, InvalidInputError
 from .. import common, output
 from ..guard import CheckFailed
 
@@ -58,10 +58,9 @@ def run(
         raise InvalidInputError(f"no ONNX file {str(onnx_path)!r}; write one with `attnres export MODEL -o FILE.onnx`.")
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.load_adapter(resolved, adapter)
-    inputs = common.fresh_inputs(resolved.example_inputs, seed)
     checks: list[dict[str, Any]] = []
-    with output.step("Checking the adapter against the original"):
-        max_abs, max_rel = common.compare(resolved.model, converted, inputs)
+    equivalence = common.equivalence(resolved, converted, seed)
+    max_abs, max_rel = equivalence["max_abs"], equivalence["max_rel"]
     checks.append(
         _check(
             "adapter",
@@ -73,7 +72,7 @@ def run(
     )
     if onnx_path is not None:
         with output.step(f"Checking {onnx_path} in onnxruntime"):
-            max_abs, max_rel, providers = _onnx_diffs(onnx_path, converted, inputs)
+            max_abs, max_rel, providers = _onnx_diffs(onnx_path, converted, resolved.example_inputs, seed)
         check = _check(
             "onnx", max_abs, max_rel, ONNX_ATOL if atol is None else atol, rtol if rtol is not None else ONNX_RTOL
         )
@@ -107,41 +106,40 @@ def _check(name: str, max_abs: float, max_rel: float, atol: float, rtol: float) 
     return {"check": name, "max_abs_diff": max_abs, "max_rel_diff": max_rel, "atol": atol, "rtol": rtol, "ok": ok}
 
 
-def _onnx_diffs(path: Path, converted, inputs: Any) -> tuple[float, float, list[str]]:
-    """Run ``path`` in onnxruntime on ``inputs`` and compare with the converted PyTorch model."""
-    import torch
-    from torch.utils import _pytree as pytree
+def _onnx_diffs(path: Path, converted, example_inputs: Any, seed: int) -> tuple[float, float, list[str]]:
+    """Run ``path`` in onnxruntime and compare with the converted PyTorch model.
 
+    Uses the ONNX package's own verification pieces, so ``verify --onnx`` checks what
+    ``export`` checked: inputs resized on every axis the file declares dynamic, every
+    output compared, on every available provider.
+    """
+    import torch
+
+    onnx_verify = common.backend("onnx.verify")
+    runtime = common.backend("onnx.runtime").find_runtime()
     try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise InvalidInputError("--onnx needs onnxruntime: pip install 'attnres-rewrite[onnx]'.") from exc
-    try:
-        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise InvalidInputError(f"{path} is not a loadable ONNX model: {str(exc).strip().splitlines()[0]}") from exc
-    names = [i.name for i in session.get_inputs()]
-    if isinstance(inputs, dict) and set(names) <= set(inputs):
-        tensors = [inputs[n] for n in names]
-    else:
-        tensors = [x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
-    if len(tensors) != len(names):
+        import onnx
+
+        header = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: not an ONNX file
         raise InvalidInputError(
-            f"{path} takes {len(names)} inputs ({', '.join(names)}) but MODEL gives {len(tensors)}; export it from this MODEL."
-        )
+            f"{path} is not an ONNX model ({type(exc).__name__}); pass a file from `attnres export`."
+        ) from exc
+    dims = [
+        [d.dim_param if d.HasField("dim_param") else d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in header.graph.input
+    ]
+    args, kwargs = onnx_verify.split_inputs(example_inputs)
+    v_args, v_kwargs = onnx_verify.make_verify_inputs(args, kwargs, dims, seed=seed)
+    feeds = onnx_verify.tensor_leaves((v_args, v_kwargs))
+    with torch.no_grad():
+        expected = onnx_verify.tensor_leaves(converted.eval()(*v_args, **v_kwargs))
     try:
-        got = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)})
-    except Exception as exc:
+        results = [onnx_verify.verify_on_provider(str(path), p, feeds, expected) for p in runtime.providers]
+    except AttnResError:
+        raise
+    except Exception as exc:  # onnxruntime's own errors: wrong input names/shapes, i.e. another model's file
         raise InvalidInputError(
             f"{path} does not run on MODEL's inputs (exported from another model?): {str(exc).strip().splitlines()[0]}"
         ) from exc
-    with torch.no_grad():
-        expected = common.call(converted.eval(), inputs)
-    ort_floats = [torch.from_numpy(x) for x in got if x.dtype.kind == "f"]
-    try:
-        max_abs, max_rel = common.max_diffs(expected, ort_floats)
-    except RuntimeError as exc:
-        raise InvalidInputError(
-            f"{path} outputs do not match MODEL's outputs in number or shape; export it from this MODEL."
-        ) from exc
-    return max_abs, max_rel, session.get_providers()
+    return max(r.max_abs_diff for r in results), max(r.max_rel_diff for r in results), list(runtime.providers)
