@@ -58,6 +58,16 @@ from .checks import check_aggregate, check_phase1, check_phase2
 
 FUSED_MAX_ELEMS = 8192  # fp32 accumulator values per program in the fused forward
 CHUNK_ELEMS = 4096  # elements of a [S_pad, BT, BD] tile in the split kernels
+# Under TRITON_INTERPRET=1 each program instance costs milliseconds per op, so token
+# tiles grow to this many tokens (tests lower it to exercise multi-program grids).
+INTERPRET_MAX_BT = 256
+
+
+# ``tl.sum`` is itself a @jit function; under TRITON_INTERPRET=1 every nested jit call
+# re-patches triton.language (~10 ms), which made the interpreted tests ~3x slower.
+# ``tl.reduce`` with the standard sum combiner compiles to exactly what ``tl.sum`` does
+# for fp32 inputs, and the interpreter maps it straight to ``np.sum``.
+_sum_combine = tl.standard._sum_combine
 
 
 def _interpret() -> bool:
@@ -97,9 +107,9 @@ def _fused_config(s_pad: int, d: int, t: int) -> tuple[int, int, int] | None:
     bd = _pow2(d)
     if s_pad * bd > FUSED_MAX_ELEMS:
         return None
-    budget = (1 << 16) if _interpret() else FUSED_MAX_ELEMS
+    budget = (1 << 18) if _interpret() else FUSED_MAX_ELEMS
     bt = 1
-    cap = 64 if _interpret() else 16
+    cap = INTERPRET_MAX_BT if _interpret() else 16
     while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
         bt *= 2
     return bt, bd, _warps(s_pad * bt * bd)
@@ -108,9 +118,9 @@ def _fused_config(s_pad: int, d: int, t: int) -> tuple[int, int, int] | None:
 def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None) -> tuple[int, int, int]:
     """(BT, BD, num_warps) for the split kernels: d-chunks of up to 512 (or ``block_d``)."""
     bd = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
-    budget = (1 << 15) if _interpret() else CHUNK_ELEMS
+    budget = (1 << 18) if _interpret() else CHUNK_ELEMS
     bt = 1
-    cap = 64 if _interpret() else 32
+    cap = INTERPRET_MAX_BT if _interpret() else 32
     while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
         bt *= 2
     while s_pad * bt * bd > budget and bd > 16:
@@ -172,8 +182,8 @@ def _fused_fwd_kernel(
     for i in range(num_src):
         src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
         v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-        z = tl.sum(v[None, :, :] * u[:, None, :], 2) * r[None, :]
+        r = tl.rsqrt(tl.reduce(v * v, 1, _sum_combine) / D + eps)
+        z = tl.reduce(v[None, :, :] * u[:, None, :], 2, _sum_combine) * r[None, :]
         m_new = tl.maximum(m, z)
         a = tl.exp(m - m_new)
         b = tl.exp(z - m_new)
@@ -199,7 +209,6 @@ def _stats_kernel(
     first,
     U,
     G,
-    O,
     m_io,
     l_io,
     gm,
@@ -225,9 +234,10 @@ def _stats_kernel(
     MODE 2 (block_attnres backward) and MODE 3 (phase 1 backward): the coefficients of
     ``grad v_i = sum_s Z[i,s] G[s] + sum_s DG[i,s] u_s + R[i] v_i`` and
     ``grad u_s = sum_t DG[i,s] v_i`` (``Z = dh/dv`` weight, ``DG = gz * r``,
-    ``R = -r^2/d sum_s gz z``). ``G`` is grad_out (MODE 2) / grad_o (MODE 3), ``O`` is
-    out / o. Phase 1's max term (``grad_m - grad_o.o - grad_l l``) goes to the first
-    source attaining the recomputed maximum.
+    ``R = -r^2/d sum_s gz z``). ``G`` is grad_out (MODE 2) / grad_o (MODE 3).
+    ``grad_out . out`` / ``grad_o . o`` are recomputed from the per-source dots, so the
+    kernel never reads ``out`` or ``o``. Phase 1's max term (``grad_m - grad_o.o -
+    grad_l l``) goes to the first source attaining the recomputed maximum.
     """
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -252,14 +262,14 @@ def _stats_kernel(
             dmask = dd < D
             v = tl.load(src + t64[:, None] * D + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
             v = v.to(tl.float32)
-            ss += tl.sum(v * v, 1)
+            ss += tl.reduce(v * v, 1, _sum_combine)
             uc = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-            du += tl.sum(v[None, :, :] * uc[:, None, :], 2)
+            du += tl.reduce(v[None, :, :] * uc[:, None, :], 2, _sum_combine)
             if HAS_G:
                 g_off = st[:, :, None] * D + dd[None, None, :]
                 g_mask = stmask[:, :, None] & dmask[None, None, :]
                 gc = tl.load(G + g_off, mask=g_mask, other=0.0).to(tl.float32)
-                dg += tl.sum(gc * v[None, :, :], 2)
+                dg += tl.reduce(gc * v[None, :, :], 2, _sum_combine)
         r = tl.rsqrt(ss / D + eps)
         z = du * r[None, :]
         tl.store(Z + i * KST + st, z, mask=stmask)
@@ -283,18 +293,20 @@ def _stats_kernel(
             z = tl.load(Z + i * KST + st, mask=stmask, other=0.0)
             tl.store(Z + i * KST + st, tl.exp(z - m) * coef, mask=stmask)
     else:
-        # grad_out . out (MODE 2) / grad_o . o (MODE 3), per query and token
-        go_o = tl.zeros([S_PAD, BT], tl.float32)
-        for c in range(0, D, BD):
-            dd = c + tl.arange(0, BD)
-            dmask = dd < D
-            g_off = st[:, :, None] * D + dd[None, None, :]
-            g_mask = stmask[:, :, None] & dmask[None, None, :]
-            gc = tl.load(G + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            oc = tl.load(O + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            go_o += tl.sum(gc * oc, 2)
+        # grad_out . out (MODE 2) and grad_o . o (MODE 3) from the per-source dots in fp32:
+        # sum_i e^{z_i - m} (g . v_i). Exact in fp32, unlike a dot with the stored fp16/bf16
+        # ``out`` (whose rounding the subtraction in gz would amplify), and no read of
+        # ``out`` / the fp32 ``o``.
         if MODE == 3:
             m = tl.load(m_io + st, mask=stmask, other=0.0)
+        go_o = tl.zeros([S_PAD, BT], tl.float32)
+        for i in range(num_src):
+            z = tl.load(Z + i * KST + st, mask=stmask, other=0.0)
+            dg = tl.load(DG + i * KST + st, mask=stmask, other=0.0)
+            go_o += tl.exp(z - m) * dg
+        if MODE == 2:
+            go_o = go_o * scale / l
+        else:
             lsv = tl.load(l_io + st, mask=stmask, other=1.0)
             gls = tl.load(gl + st, mask=stmask, other=0.0)
             peak_grad = tl.load(gm + st, mask=stmask, other=0.0) - go_o - gls * lsv
@@ -312,7 +324,7 @@ def _stats_kernel(
                 cg = p
             tl.store(Z + i * KST + st, cg, mask=stmask)
             tl.store(DG + i * KST + st, gz * r[None, :], mask=stmask)
-            tl.store(R + i * T + t64, -tl.sum(gz * z, 0) * r * r / D, mask=tmask)
+            tl.store(R + i * T + t64, -tl.reduce(gz * z, 0, _sum_combine) * r * r / D, mask=tmask)
 
 
 @triton.jit
@@ -407,9 +419,13 @@ def _apply_bwd_kernel(
             cg = tl.load(CG + i * KST + st, mask=stmask, other=0.0)
             cu = tl.load(CU + i * KST + st, mask=stmask, other=0.0)
             cv = tl.load(CV + i * T + t64, mask=tmask, other=0.0)
-            gv = tl.sum(cg[:, :, None] * gc, 0) + tl.sum(cu[:, :, None] * u[:, None, :], 0) + cv[:, None] * v
+            gv = (
+                tl.reduce(cg[:, :, None] * gc, 0, _sum_combine)
+                + tl.reduce(cu[:, :, None] * u[:, None, :], 0, _sum_combine)
+                + cv[:, None] * v
+            )
             tl.store(dst + offs, gv.to(gfirst.dtype.element_ty), mask=mask2)
-            gu += tl.sum(cu[:, :, None] * v[None, :, :], 1)
+            gu += tl.reduce(cu[:, :, None] * v[None, :, :], 1, _sum_combine)
     p_off = (g * S + s[:, None]).to(tl.int64) * D + dd[None, :]
     tl.store(partial + p_off, gu, mask=smask[:, None] & dmask[None, :])
 
@@ -450,8 +466,8 @@ def _phase2_fwd_kernel(
         if HAS_P:
             u = tl.load(U + dd, mask=dmask, other=0.0)
             pv = tl.load(P + offs, mask=mask2, other=0.0).to(tl.float32)
-            r = tl.rsqrt(tl.sum(pv * pv, 1) / D + eps)
-            z2 = tl.sum(pv * u[None, :], 1) * r
+            r = tl.rsqrt(tl.reduce(pv * pv, 1, _sum_combine) / D + eps)
+            z2 = tl.reduce(pv * u[None, :], 1, _sum_combine) * r
             peak = tl.maximum(mm, z2)
             a1 = tl.exp(mm - peak)
             a2 = tl.exp(z2 - peak)
@@ -472,8 +488,8 @@ def _phase2_fwd_kernel(
                 u = tl.load(U + dd, mask=dmask, other=0.0)
                 pv = tl.load(P + t64[:, None] * D + dd[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
                 pv = pv.to(tl.float32)
-                ss += tl.sum(pv * pv, 1)
-                du += tl.sum(pv * u[None, :], 1)
+                ss += tl.reduce(pv * pv, 1, _sum_combine)
+                du += tl.reduce(pv * u[None, :], 1, _sum_combine)
             z2 = du * tl.rsqrt(ss / D + eps)
             peak = tl.maximum(mm, z2)
             a1 = tl.exp(mm - peak)
@@ -540,10 +556,10 @@ def _phase2_bwd_kernel(
             pv = tl.load(P + offs, mask=mask2, other=0.0).to(tl.float32)
             ov = tl.load(O + offs, mask=mask2, other=0.0)
             gov = tl.load(GO + offs, mask=mask2, other=0.0).to(tl.float32)
-            ss = tl.sum(pv * pv, 1)
-            du = tl.sum(pv * u[None, :], 1)
-            gdo = tl.sum(gov * ov, 1)
-            gdp = tl.sum(gov * pv, 1)
+            ss = tl.reduce(pv * pv, 1, _sum_combine)
+            du = tl.reduce(pv * u[None, :], 1, _sum_combine)
+            gdo = tl.reduce(gov * ov, 1, _sum_combine)
+            gdp = tl.reduce(gov * pv, 1, _sum_combine)
         else:
             ss = tl.zeros([BT], tl.float32)
             du = tl.zeros([BT], tl.float32)
@@ -558,10 +574,10 @@ def _phase2_bwd_kernel(
                 oc = tl.load(O + offc, mask=mc, other=0.0)
                 gc = tl.load(GO + offc, mask=mc, other=0.0).to(tl.float32)
                 uc = tl.load(U + dc, mask=dm, other=0.0)
-                ss += tl.sum(pc * pc, 1)
-                du += tl.sum(pc * uc[None, :], 1)
-                gdo += tl.sum(gc * oc, 1)
-                gdp += tl.sum(gc * pc, 1)
+                ss += tl.reduce(pc * pc, 1, _sum_combine)
+                du += tl.reduce(pc * uc[None, :], 1, _sum_combine)
+                gdo += tl.reduce(gc * oc, 1, _sum_combine)
+                gdp += tl.reduce(gc * pc, 1, _sum_combine)
         r = tl.rsqrt(ss / D + eps)
         z2 = du * r
         peak = tl.maximum(mm, z2)
@@ -580,7 +596,7 @@ def _phase2_bwd_kernel(
             tl.store(g_o + offs, co[:, None] * gov, mask=mask2)
             gp = cp[:, None] * gov + cu[:, None] * u[None, :] + cv[:, None] * pv
             tl.store(g_p + offs, gp.to(g_p.dtype.element_ty), mask=mask2)
-            gu += tl.sum(cu[:, None] * pv, 0)
+            gu += tl.reduce(cu[:, None] * pv, 0, _sum_combine)
         else:
             for c in range(0, D, BD):
                 dc = c + tl.arange(0, BD)
@@ -594,7 +610,7 @@ def _phase2_bwd_kernel(
                 gp = cp[:, None] * gc + cu[:, None] * uc[None, :] + cv[:, None] * pc
                 tl.store(g_p + offc, gp.to(g_p.dtype.element_ty), mask=mc)
                 row = partial + g.to(tl.int64) * D + dc
-                tl.store(row, tl.load(row, mask=dm, other=0.0) + tl.sum(cu[:, None] * pc, 0), mask=dm)
+                tl.store(row, tl.load(row, mask=dm, other=0.0) + tl.reduce(cu[:, None] * pc, 0, _sum_combine), mask=dm)
     if ONE_CHUNK:
         tl.store(partial + g.to(tl.int64) * D + dd, gu, mask=dmask)
 
@@ -671,7 +687,7 @@ def _forward(
         bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
         z = torch.empty((len(srcs), s, t), dtype=torch.float32, device=dev)
         _stats_kernel[(triton.cdiv(t, bt),)](
-            tab, first, u, u, u, m, l, m, l, z, z, z, len(srcs), t, d, s, eps, scale,
+            tab, first, u, u, m, l, m, l, z, z, z, len(srcs), t, d, s, eps, scale,
             S_PAD=s_pad, BT=bt, BD=bd, MODE=1 if phase1 else 0, num_warps=nw,
         )  # fmt: skip
         _apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
@@ -682,7 +698,6 @@ def _forward(
 
 def _backward(
     grads_in: Tensor,
-    outs: Tensor,
     sources: Sequence[Tensor],
     u: Tensor,
     eps: float,
@@ -714,7 +729,7 @@ def _backward(
     r = torch.empty((k, t), dtype=torch.float32, device=dev)
     dummy = z
     _stats_kernel[(triton.cdiv(t, bt),)](
-        _ptr_table(srcs, dev), first, u, grads_in, outs,
+        _ptr_table(srcs, dev), first, u, grads_in,
         dummy if m is None else m, dummy if l is None else l,
         dummy if gm is None else gm, dummy if gl is None else gl,
         z, dg, r, k, t, d, s, eps, scale, S_PAD=s_pad, BT=bt, BD=bd, MODE=mode, num_warps=nw,
@@ -764,7 +779,7 @@ def attnres_backward(
     if sources[0].dtype == torch.float64:
         return K.attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
     grads, gu = _backward(
-        _flat(grad_out), _flat(out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
+        _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
     )
     gu = gu[0]
     return grads, (gu * key_gain.float()).to(query.dtype), (gu * query.float()).to(key_gain.dtype)
@@ -805,9 +820,7 @@ def phase1_backward(
     go = torch.zeros_like(o) if grad_o is None else _flat(grad_o)
     gm = torch.zeros_like(m) if grad_m is None else _flat(grad_m).float()
     gl = torch.zeros_like(l) if grad_l is None else _flat(grad_l).float()
-    grads, gu = _backward(
-        go, _flat(o), sources, _u(queries, key_gains), eps, 1.0, 3, _flat(m), _flat(l), gm, gl, block_d
-    )
+    grads, gu = _backward(go, sources, _u(queries, key_gains), eps, 1.0, 3, _flat(m), _flat(l), gm, gl, block_d)
     return grads, (gu * key_gains.float()).to(queries.dtype), (gu * queries.float()).to(key_gains.dtype)
 
 
@@ -818,8 +831,8 @@ def _p2_config(d: int, t: int, block_d: int | None) -> tuple[int, int, bool, int
     else:
         bd = min(_pow2(d), 1024) if block_d is None else _pow2(block_d)
         one = bd >= d
-    budget = (1 << 16) if _interpret() else 4096
-    cap = 64 if _interpret() else 16
+    budget = (1 << 18) if _interpret() else 4096
+    cap = INTERPRET_MAX_BT if _interpret() else 16
     bt = 1
     while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
         bt *= 2
@@ -901,6 +914,47 @@ def phase2_backward(
 _REGISTERED = False
 
 
+# The CUDA kernels: validation (the default kernels in ops.py validate inside the kernel
+# they replace) followed by the launcher. Module-level so tests can call them directly.
+
+
+def cuda_block_attnres(sources, query, key_gain, eps, scale):
+    check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
+    return attnres_forward(sources, query, key_gain, eps, scale)
+
+
+def cuda_block_attnres_backward(grad_out, out, sources, query, key_gain, eps, scale):
+    return attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+
+
+def cuda_block_phase1(sources, queries, key_gains, eps):
+    check_phase1(sources, queries, key_gains, eps, "attnres.block_phase1")
+    return phase1_forward(sources, queries, key_gains, eps)
+
+
+def cuda_block_phase1_backward(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps):  # noqa: E741
+    return phase1_backward(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps)
+
+
+def cuda_block_phase2(o, m, l, partial, query, key_gain, eps, scale, out_dtype):  # noqa: E741
+    check_phase2(o, m, l, partial, query, key_gain, eps, "attnres.block_phase2")
+    return phase2_forward(o, m, l, partial, query, key_gain, eps, scale, out_dtype)
+
+
+def cuda_block_phase2_backward(grad_out, o, m, l, partial, query, key_gain, eps, scale):  # noqa: E741
+    return phase2_backward(grad_out, o, m, l, partial, query, key_gain, eps, scale)
+
+
+CUDA_KERNELS = {
+    "block_attnres": cuda_block_attnres,
+    "block_attnres_backward": cuda_block_attnres_backward,
+    "block_phase1": cuda_block_phase1,
+    "block_phase1_backward": cuda_block_phase1_backward,
+    "block_phase2": cuda_block_phase2,
+    "block_phase2_backward": cuda_block_phase2_backward,
+}
+
+
 def register() -> None:
     """Register every launcher as the ``cuda`` kernel of its op (idempotent)."""
     global _REGISTERED
@@ -908,31 +962,6 @@ def register() -> None:
         return
     from . import ops
 
-    @ops.block_attnres.register_kernel("cuda")
-    def _(sources, query, key_gain, eps, scale):
-        check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
-        return attnres_forward(sources, query, key_gain, eps, scale)
-
-    @ops.block_attnres_backward.register_kernel("cuda")
-    def _(grad_out, out, sources, query, key_gain, eps, scale):
-        return attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
-
-    @ops.block_phase1.register_kernel("cuda")
-    def _(sources, queries, key_gains, eps):
-        check_phase1(sources, queries, key_gains, eps, "attnres.block_phase1")
-        return phase1_forward(sources, queries, key_gains, eps)
-
-    @ops.block_phase1_backward.register_kernel("cuda")
-    def _(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps):  # noqa: E741
-        return phase1_backward(grad_o, grad_m, grad_l, sources, queries, key_gains, o, m, l, eps)
-
-    @ops.block_phase2.register_kernel("cuda")
-    def _(o, m, l, partial, query, key_gain, eps, scale, out_dtype):  # noqa: E741
-        check_phase2(o, m, l, partial, query, key_gain, eps, "attnres.block_phase2")
-        return phase2_forward(o, m, l, partial, query, key_gain, eps, scale, out_dtype)
-
-    @ops.block_phase2_backward.register_kernel("cuda")
-    def _(grad_out, o, m, l, partial, query, key_gain, eps, scale):  # noqa: E741
-        return phase2_backward(grad_out, o, m, l, partial, query, key_gain, eps, scale)
-
+    for name, fn in CUDA_KERNELS.items():
+        getattr(ops, name).register_kernel("cuda")(fn)
     _REGISTERED = True
