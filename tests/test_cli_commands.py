@@ -1,0 +1,169 @@
+"""Commands doing real work, in-process (CliRunner): JSON contents, written files, failure modes.
+
+Conversions are the expensive part (a torch.export trace each), so one gpt2 adapter is
+made per module and shared; the happy paths docs/cli.md shows are in test_cli_docs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from attnres_rewrite.cli import common
+from attnres_rewrite.cli.app import app
+
+runner = CliRunner(env={"COLUMNS": "120", "NO_COLOR": "1"})
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def ok_json(result) -> dict:
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """``attnres convert samples:gpt2 --json`` once: (adapter dir, stdout JSON)."""
+    out = tmp_path_factory.mktemp("adapters") / "gpt2"
+    payload = ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--json"))
+    return out, payload
+
+
+def test_convert_writes_adapter_and_report(adapter):
+    out, payload = adapter
+    assert sorted(p.name for p in out.iterdir()) == ["attnres.safetensors", "attnres_config.json", "report.json"]
+    assert json.loads((out / "report.json").read_text()) == payload
+    assert payload["streams_converted"] == 1
+    assert payload["blocks"] == 2
+    assert payload["sublayers"] == sum(s["sublayers"] for s in payload["streams"])
+    assert payload["params_added"] > 0
+    assert 0 <= payload["max_rel_diff"] < 1e-3  # paper mode on a pre-norm stream: equal up to the norms' eps
+    assert payload["max_abs_diff"] >= 0
+    assert not list(out.parent.glob(".gpt2.*"))  # the temporary directory is gone
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, *out.iterdir()):  # the umask's usual modes, not mkdtemp's private 0700/0600
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_corrupted_adapter_is_a_user_error(adapter, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter[0], broken)
+    (broken / "attnres.safetensors").write_bytes(b"\x00garbage")
+    result = invoke("verify", "samples:gpt2", "--adapter", str(broken))
+    assert result.exit_code == 2, result.stderr
+    assert "error:" in result.stderr and "safetensors" in result.stderr
+    assert "Traceback" not in result.output
+    (broken / "attnres_config.json").write_text("{not json")
+    result = invoke("verify", "samples:gpt2", "--adapter", str(broken))
+    assert result.exit_code == 2
+    assert "attnres_config.json" in result.stderr
+
+
+def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
+    payload = ok_json(invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--json"))
+    assert payload["ok"] is True
+    (check,) = payload["checks"]
+    assert check["check"] == "adapter" and check["ok"]
+    if check["max_abs_diff"] > 0:
+        result = invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--rtol", "1e-12")
+        assert result.exit_code == 1
+        assert "verification failed: adapter" in result.stderr
+        assert "FAILED" in result.stdout
+
+
+def test_bench_json_with_training_step_and_a_failing_compile(adapter, monkeypatch):
+    """Compiling is stubbed (real compiles take minutes on CPU): the original "compiles" to
+    itself, the converted model's compile fails, which must be reported in its row only."""
+    from attnres_rewrite.cli.commands import benchmarking
+
+    def fake_compile(model, converted):
+        if converted:
+            raise RuntimeError("simulated compile failure")
+        return model
+
+    monkeypatch.setattr(benchmarking, "_compile", fake_compile)
+    args = ["bench", "samples:gpt2", "--adapter", str(adapter[0]), "--iters", "1", "--warmup", "0", "--train"]
+    payload = ok_json(invoke(*args, "--json"))
+    rows = {(r["model"], r["phase"], r["mode"]): r for r in payload["results"]}
+    assert set(rows) == {
+        (m, p, c) for m in ("original", "converted") for p in ("forward", "train") for c in ("eager", "compiled")
+    }
+    for (model, _, how), row in rows.items():
+        if model == "converted" and how == "compiled":
+            assert row["error"] == "RuntimeError: simulated compile failure" and "median_ms" not in row
+        else:
+            assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"]
+    assert set(payload["overhead_pct"]) == {"forward_eager", "train_eager"}
+    assert payload["params_converted"] > payload["params_original"]
+
+
+def test_adapter_and_conversion_flags_conflict(adapter, tmp_path):
+    result = invoke(
+        "export", "samples:gpt2", "--adapter", str(adapter[0]), "--blocks", "2", "-o", str(tmp_path / "m.onnx")
+    )
+    assert result.exit_code == 2
+    assert "--adapter carries its own conversion settings" in result.stderr
+
+
+def test_unconvertible_model_is_a_user_error(tmp_path):
+    result = invoke("convert", "samples:resnet", "-o", str(tmp_path / "r"))
+    assert result.exit_code == 2, result.stderr
+    assert "post-activation" in result.stderr
+    assert not (tmp_path / "r").exists()  # nothing written on failure
+
+
+def test_internal_errors_exit_3_with_a_hint(monkeypatch, tmp_path):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(common, "convert", boom)
+    result = invoke("convert", "samples:gpt2", "-o", str(tmp_path / "x"))
+    assert result.exit_code == 3
+    assert "internal error: RuntimeError: simulated bug" in result.stderr
+    assert "--debug" in result.stderr and "Traceback" not in result.stderr
+    result = invoke("convert", "samples:gpt2", "-o", str(tmp_path / "x"), "--debug")
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A config-only Hugging Face directory (random weights, rebuilt identically from --seed)."""
+    path = tmp_path_factory.mktemp("hf-llama")
+    transformers.LlamaConfig(
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(path)
+    return path
+
+
+def test_hf_directory_convert_then_verify(hf_dir, tmp_path):
+    out = tmp_path / "hf-adapter"
+    result = invoke("convert", str(hf_dir), "-o", str(out), "--seq-len", "8", "--mode", "exact", "--json")
+    payload = ok_json(result)
+    assert "random weights" in result.stderr
+    assert payload["streams_converted"] >= 1
+    assert payload["sublayers"] == 4  # 2 decoder layers x (attention, MLP)
+    assert payload["mode"] == "exact"
+    assert payload["max_rel_diff"] < 1e-4  # exact mode: equal to float rounding
+    verified = ok_json(invoke("verify", str(hf_dir), "--adapter", str(out), "--seq-len", "8", "--json"))
+    assert verified["ok"] is True
