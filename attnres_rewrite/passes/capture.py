@@ -132,6 +132,11 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> C
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
     notes: list[str] = []
+    if model.training:
+        notes.append(
+            "traced in training mode: dropout and other train-time behaviour are fixed into the graph "
+            "(call model.eval() before converting for inference)"
+        )
     first_error: BaseException | None = None
     program = None
     if dynamic:

@@ -473,7 +473,8 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
         stream.reason = "chain of length 1: a single residual add is not a stream"
         return stream
     shapes = {_shape_key(s) for s in states}
-    if len(shapes) > 1:
+    numels = {str(_val(s).numel()) for s in states if isinstance(_val(s), torch.Tensor)}
+    if len({sh[-1] if sh else None for sh in shapes}) > 1 or len(numels) > 1:
         stream.kind, stream.convertible = "unsupported", False
         stream.reason = f"shape change along the stream ({', '.join(sorted(map(str, shapes)))})"
         return stream

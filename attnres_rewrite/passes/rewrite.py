@@ -109,6 +109,25 @@ def _aggregate(
     return cur.call(torch.ops.attnres.block_attnres.default, (list(sources), qr, gr, float(plan.eps), scale), meta)
 
 
+def _shape(node: Node) -> tuple[str, ...]:
+    return tuple(str(x) for x in node.meta["val"].shape)
+
+
+def _reshape_like(cur: _Cursor, x: Node, like: Node) -> Node:
+    """``x.reshape(like.shape)`` with symbolic sizes read from ``like`` at run time.
+
+    A stream may be flattened to ``(B*T, d)`` around a sublayer and viewed back; all
+    sources of one aggregation must share a shape, so values are brought to the
+    stream start's shape and aggregations back to each state's shape.
+    """
+    if _shape(x) == _shape(like):
+        return x
+    sizes = []
+    for i, size in enumerate(like.meta["val"].shape):
+        sizes.append(int(size) if not isinstance(size, torch.SymInt) else cur.call(aten.sym_size.int, (like, i)))
+    return cur.call(aten.reshape.default, (x, sizes))
+
+
 def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str) -> set[Node]:
     graph = gm.graph
     states = stream.states
@@ -129,7 +148,7 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
     for j, state in enumerate(states):
         cur = _Cursor(graph, _insertion_point(state))
         for l in added_at.get(j, []):
-            v = stream.sublayers[l].value
+            v = _reshape_like(cur, stream.sublayers[l].value, stream.start)
             if partial is None:
                 partial = v
             else:
@@ -148,7 +167,9 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
         for row, role in aggregations:
             sources = completed + ([partial] if partial is not None else [])
             info = {"role": role, "block": len(completed)}
-            h = _aggregate(cur, sources, plan, row, mode, state, info)
+            h = _aggregate(cur, sources, plan, row, mode, stream.start, info)
+            if _shape(state) != _shape(stream.start):
+                h = _reshape_like(cur, h, stream.sublayers[added_at[j][-1]].value)
             mine = cur.created
             state.replace_all_uses_with(h, delete_user_cb=lambda user, mine=mine: user not in mine)
         created |= cur.created
@@ -190,6 +211,5 @@ def rewrite(gm: GraphModule, detection: Detection, plan: ConversionPlan) -> Grap
     _remove_dead(gm.graph, dead)
     gm.graph.lint()
     out = GraphModule(gm, gm.graph, class_name="AttnResModel")
-    out.attnres = params  # keep the typed container (GraphModule copies plain modules)
-    out.recompile()
+    out.attnres = params  # keep the typed container (GraphModule copies plain modules); code is unchanged
     return out
