@@ -173,3 +173,17 @@ def test_entry_point_without_import_and_unconverted_model_logs_once():
     assert proc.stdout.split() == ["OK", "True"]
     assert proc.stderr.count("no AttnRes nodes") == 1, proc.stderr
     assert "attnres_rewrite.convert(" in proc.stderr
+
+
+def test_our_options_are_split_from_inductor_options():
+    """``two_phase`` / ``report_hook`` never reach Inductor; unknown Inductor options fail early."""
+    from attnres_rewrite.backend import _inductor_config, _split_options
+
+    ours, inductor = _split_options({"two_phase": False, "report_hook": print, "epilogue_fusion": False})
+    assert ours == {"two_phase": False, "report_hook": print}
+    assert _inductor_config("max-autotune-no-cudagraphs", inductor, None) == {
+        **_inductor_config("max-autotune-no-cudagraphs", {}, None),
+        "epilogue_fusion": False,
+    }
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):
+        _inductor_config(None, {"not_an_inductor_option": 1}, None)
