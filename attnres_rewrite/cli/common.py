@@ -142,16 +142,6 @@ def float_leaves(out: Any) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
-def max_diffs(reference: Any, candidate: Any) -> tuple[float, float]:
-    """Max absolute and max relative (to the reference's max magnitude) difference over all outputs."""
-    ref, cand = float_leaves(reference), float_leaves(candidate)
-    if len(ref) != len(cand) or any(a.shape != b.shape for a, b in zip(ref, cand)):
-        raise RuntimeError("the converted model's outputs do not have the original's structure")
-    abs_diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, cand) if a.numel()), default=0.0)
-    scale = max((float(a.double().abs().max()) for a in ref if a.numel()), default=0.0)
-    return abs_diff, abs_diff / scale if scale > 0 else abs_diff
-
-
 def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int) -> dict[str, Any]:
     """The API's check on fresh inputs (other batch and sequence sizes than the trace)."""
     api = backend("api")

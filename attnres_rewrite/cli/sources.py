@@ -14,7 +14,6 @@ ever downloaded and no remote code is ever run.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 import re
@@ -34,10 +33,10 @@ FORMS = "samples:NAME, a local Hugging Face model directory, or package.module:f
 
 @dataclass
 class ResolvedModel:
-    """A model ready for the API, plus enough to build identical fresh copies of it.
+    """A model ready for the API (eval mode, CPU) and the example inputs to trace it with.
 
-    ``model`` stays pristine: commands hand :meth:`fresh` copies to ``convert`` and
-    ``load_adapter`` (which may rewrite in place) and keep this one as the reference.
+    ``convert``/``load_adapter`` trace the model without modifying it (the converted
+    graph shares its parameters), so ``model`` also serves as the reference to compare with.
     """
 
     source: str
@@ -45,10 +44,6 @@ class ResolvedModel:
     model: nn.Module
     example_inputs: Any  # tuple of positional args or dict of keyword args
     note: str = ""
-
-    def fresh(self) -> nn.Module:
-        """A deep copy of the original model: same weights, independent parameters."""
-        return copy.deepcopy(self.model)
 
 
 def resolve(spec: str, *, batch: int | None = None, seq_len: int | None = None, seed: int = 0) -> ResolvedModel:

@@ -88,15 +88,17 @@ def run(
 ) -> None:
     dev = common.device_of(device)
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
+    # convert on the target device: the trace may bake device-specific constants into the graph
+    resolved.model.to(dev)
+    resolved.example_inputs = inputs = common.to_device(resolved.example_inputs, dev)
     converted = common.converted_model(resolved, adapter, options)
-    inputs = common.to_device(resolved.example_inputs, dev)
-    models = {"original": resolved.fresh(), "converted": converted}
+    models = {"original": resolved.model, "converted": converted}  # training steps run on copies
     phases = [("forward", _forward)] + ([("train", _train_step)] if train else [])
     rows: list[dict[str, Any]] = []
     for phase, make in phases:
         for how in ["eager"] + (["compiled"] if compiled else []):
             for name, base in models.items():
-                model = (base if phase == "forward" else common.copy_for_training(base)).to(dev)
+                model = base if phase == "forward" else common.copy_for_training(base)
                 model.train(phase == "train")
                 row: dict[str, Any] = {"model": name, "phase": phase, "mode": how}
                 with output.step(f"Timing {phase} {how} {name}"):
