@@ -81,18 +81,27 @@ def _new_size(axis: int, size: int) -> int:
     return size - 3 if size >= 6 else size + 1
 
 
-def symbolic_sizes(input_dims: Sequence[Sequence[int | str | None]], examples: Sequence[torch.Tensor]) -> dict:
+#: How much of the input to resize, from the most to the least demanding check.
+RESIZE_LEVELS = ("all", "batch", "none")
+
+
+def symbolic_sizes(
+    input_dims: Sequence[Sequence[int | str | None]], examples: Sequence[torch.Tensor], resize: str = "all"
+) -> dict:
     """Map each symbolic dimension name of the ONNX inputs to a new size.
 
     ``input_dims[i]`` lists input ``i``'s dims (int for static, str for symbolic). One
     name always gets one size, so axes tied together in the graph stay equal.
+    ``resize="batch"`` changes only symbols first seen on axis 0, ``"none"`` nothing.
     """
     sizes: dict[str, int] = {}
+    if resize == "none":
+        return sizes
     for dims, example in zip(input_dims, examples):
         for axis, dim in enumerate(dims):
             if isinstance(dim, str) and dim not in sizes and axis < example.dim():
-                sizes[dim] = _new_size(axis, int(example.shape[axis]))
-    return sizes
+                sizes[dim] = _new_size(axis, int(example.shape[axis])) if axis == 0 or resize == "all" else None
+    return {name: size for name, size in sizes.items() if size is not None}
 
 
 def resample_like(example: torch.Tensor, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
@@ -120,15 +129,19 @@ def make_verify_inputs(
     kwargs: dict[str, Any],
     input_dims: Sequence[Sequence[int | str | None]],
     seed: int = 0,
+    resize: str = "all",
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """New ``(args, kwargs)`` with every symbolic ONNX axis resized (see module doc)."""
+    """New ``(args, kwargs)`` with the symbolic ONNX axes resized (see module doc).
+
+    ``resize`` is one of :data:`RESIZE_LEVELS`; values are resampled at every level.
+    """
     examples = tensor_leaves((args, kwargs))
     if len(examples) != len(input_dims):
         raise ExportError(
             f"the ONNX model has {len(input_dims)} inputs but the example has {len(examples)} tensors; "
             "pass verify_inputs= explicitly"
         )
-    sizes = symbolic_sizes(input_dims, examples)
+    sizes = symbolic_sizes(input_dims, examples, resize)
     generator = torch.Generator().manual_seed(seed)
     replacements = {}
     for example, dims in zip(examples, input_dims):
