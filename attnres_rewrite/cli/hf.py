@@ -37,7 +37,9 @@ def _transformers():
         raise ModelSourceError(
             "Hugging Face model directories need transformers: pip install 'attnres-rewrite[hf]'."
         ) from exc
-    transformers.logging.set_verbosity_error()  # its warnings would drown the CLI's own stderr
+    transformers.logging.set_verbosity_error()  # its warnings and progress bars would drown the CLI's own stderr
+    if hasattr(transformers.logging, "disable_progress_bar"):
+        transformers.logging.disable_progress_bar()
     return transformers
 
 
