@@ -339,7 +339,23 @@ def _cached_registry(opset: int):
         return None
 
 
-def _torch_export(model, args, kwargs, opset, as_function, dynamic_shapes, optimize):
+def _capture(model, args, kwargs, dynamic_shapes):
+    """``torch.export`` the model ourselves (the exporter's own first step).
+
+    Doing it here lets ``require_attnres`` refuse an unconverted model before the
+    costly ONNX translation, and makes the capture one predictable strategy
+    (non-strict, as ``convert`` uses) instead of the exporter's silent fallbacks.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # torch raises many kinds; the user needs the root cause
+            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_short(exc)}") from exc
+
+
+def _torch_export(exported, opset, as_function, optimize):
+    """The ONNX translation of a captured program, optimised, with our function attached."""
     import onnxscript
 
     with warnings.catch_warnings():
@@ -351,24 +367,15 @@ def _torch_export(model, args, kwargs, opset, as_function, dynamic_shapes, optim
 
                 with function_mode(as_function):
                     program = _core.export(
-                        model,
-                        args,
-                        kwargs,
-                        registry=registry,
-                        dynamic_shapes=dynamic_shapes,
-                        verbose=False,
-                        optimize=False,
-                        opset_version=opset,
+                        exported, registry=registry, verbose=False, optimize=False, opset_version=opset
                     )
             else:
                 program = torch.onnx.export(
-                    model,
-                    args,
-                    kwargs=kwargs or None,
+                    exported,
+                    (),
                     dynamo=True,
                     opset_version=opset,
                     custom_translation_table=translation_table(as_function),
-                    dynamic_shapes=dynamic_shapes,
                     optimize=False,
                     verbose=False,
                 )
@@ -463,8 +470,8 @@ def export_onnx(
     tmpdir = None
     try:
         start = time.perf_counter()
-        program = _torch_export(model, args, kwargs, opset, as_function, dynamic_shapes, optimize)
-        attnres_ops = _count_attnres(program.exported_program)
+        exported = _capture(model, args, kwargs, dynamic_shapes)
+        attnres_ops = _count_attnres(exported)
         if attnres_ops == 0:
             if require_attnres:
                 raise ExportError(
@@ -472,6 +479,7 @@ def export_onnx(
                     "attnres_rewrite.convert(model, example_inputs), or pass require_attnres=False to export it as is"
                 )
             notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
+        program = _torch_export(exported, opset, as_function, optimize)
         if dynamic:
             _name_dynamic_axes(program.model)
         initializer_bytes = sum(
