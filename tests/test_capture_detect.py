@@ -334,3 +334,9 @@ def test_report_to_dict_is_json_ready():
     data = json.loads(json.dumps(report.to_dict()))
     assert data["streams"][0]["kind"] == "prenorm"
     assert data["streams"][0]["blocks"] == [[0, 1], [1, 2]]
+
+
+def test_training_mode_trace_is_noted():
+    model = Stack("prenorm", layers=2).train()
+    converted = ar.convert(model, (_ids(),))
+    assert any("training mode" in note for note in converted.attnres_plan.notes)

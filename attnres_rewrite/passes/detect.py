@@ -226,7 +226,10 @@ class _Graph:
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or out.dim() < 1:
             return False
         key = _shape_key(node)
-        return _shape_key(a) == key and _shape_key(b) == key
+        if _shape_key(a) != key or _shape_key(b) != key:
+            return False
+        # a mixed-dtype add (type promotion) would give one aggregation sources of two dtypes
+        return _val(a).dtype == out.dtype and _val(b).dtype == out.dtype
 
     def norm_input(self, node: Node) -> tuple[Node, Node] | None:
         """If ``node`` is a norm's output, return ``(norm input, norm node)``."""
