@@ -193,6 +193,7 @@ def test_report_is_json_serialisable(stream_exports):
     _, report = exports[False]
     data = json.loads(report.to_json())
     assert data["opset"] == DEFAULT_OPSET
+    assert data["ir_version"] == onnx.load(str(exports[False][0])).ir_version <= 10  # onnxruntime >= 1.18 reads it
     assert data["providers"][0] == "CPUExecutionProvider"
     assert data["max_abs_diff"] == report.max_abs_diff
     assert data["provider_results"][0]["outputs"][0]["shape"] == report.provider_results[0].outputs[0].shape
@@ -356,6 +357,8 @@ def test_unwritable_destination_is_refused(tmp_path):
         export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), blocker / "m.onnx")
     with pytest.raises(ExportError, match="is a directory"):
         export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), tmp_path)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), tmp_path / "missing" / "m.onnx")
     assert _listing(tmp_path) == ["a_file"]
 
 
@@ -472,6 +475,8 @@ def test_compare_outputs_flags_nan_and_shape_mismatch():
 
 
 def test_export_does_not_leave_temporaries_on_success(tmp_path):
-    export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), tmp_path / "m.onnx")
+    steps = []
+    export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), tmp_path / "m.onnx", progress=steps.append)
+    assert steps == ["capture", "translate", "save", "check", "verify"]
     assert _listing(tmp_path) == ["m.onnx"]
     assert not any(name.startswith(".attnres") for name in os.listdir(tmp_path))

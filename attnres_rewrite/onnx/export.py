@@ -1,18 +1,20 @@
 """``export_onnx``: a converted model to an ONNX file, verified in onnxruntime.
 
 Pipeline: validate arguments (before any slow work, so a bad path or opset fails in
-milliseconds) -> ``torch.onnx.export(dynamo=True)`` with our translations of
-``torch.ops.attnres.*`` -> onnxscript optimiser (without inlining when AttnRes is a
-function) -> readable names for the dynamic axes -> save into a temporary directory
-next to the destination -> ``onnx.checker`` -> onnxruntime verification on new shapes
--> ``os.replace`` into place (external data first, the model file last), so the
-destination either holds a complete, verified export or is left untouched.
+milliseconds) -> ``torch.export`` (non-strict, dynamic batch/sequence) -> the dynamo
+ONNX exporter with our translations of ``torch.ops.attnres.*`` -> onnxscript optimiser
+-> the ``attnres.BlockAttnRes`` function attached when asked for -> readable names for
+the dynamic axes -> save into a temporary directory next to the destination ->
+``onnx.checker`` -> onnxruntime verification on new shapes -> ``os.replace`` into place
+(external data first, the model file last), so the destination either holds a
+complete, verified export or is left untouched.
 
 Opset: the default is 18. It is the opset the PyTorch exporter's op library (torchlib)
 is written in, so no version-conversion pass runs over the graph; the AttnRes
 translations need nothing newer (``ReduceMean`` with axes as an input is opset 18);
 and onnxruntime has run opset 18 since 1.14, so every onnxruntime 1.2x (and other
-engines that stop at 18-20, such as older TensorRT parsers) loads it. Newer opsets up
+engines that stop at 18-20, such as older TensorRT parsers) loads it. The file's IR
+version is the exporter's (10), readable by onnxruntime >= 1.18. Newer opsets up
 to what both the exporter and the installed ``onnx`` support can be asked for; opsets
 below 18 are refused because the exporter cannot convert its graphs down reliably.
 """
@@ -30,6 +32,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,7 @@ class ExportReport:
 
     onnx_path: str
     opset: int
+    ir_version: int
     as_function: bool
     dynamic: bool
     attnres_ops: int
@@ -130,17 +134,19 @@ def _check_opset(opset: Any) -> int:
 
 
 def _check_destination(path: Any) -> Path:
-    """Resolve the destination and make sure its directory exists and accepts files."""
+    """Resolve the destination and make sure its directory exists and accepts files.
+
+    The directory is not created: a typo in a path should fail, not leave new
+    directories behind (nothing at all is created when an export fails).
+    """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ExportError(f"path must be a file path, got {path!r}")
     dest = Path(path).expanduser().absolute()
     if dest.is_dir():
         raise ExportError(f"{dest} is a directory; pass a file path such as {dest / 'model.onnx'}")
     parent = dest.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create the directory {parent} for the ONNX file: {exc.strerror or exc}") from exc
+    if not parent.exists():
+        raise ExportError(f"cannot write {dest}: the directory {parent} does not exist; create it first")
     if not parent.is_dir():
         raise ExportError(f"cannot write {dest}: {parent} is not a directory")
     try:  # the real test of writability (os.access is meaningless for root)
@@ -422,6 +428,7 @@ def export_onnx(
     atol: float = DEFAULT_ATOL,
     optimize: bool = True,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export ``model`` (usually the output of ``attnres_rewrite.convert``) to ONNX at ``path``.
 
@@ -449,9 +456,13 @@ def export_onnx(
             for every output; ``rtol`` defaults by parameter dtype (1e-4 for fp32).
         optimize: run the onnxscript optimiser (constant folding, dead-code removal).
         seed: seed of the verification inputs.
+        progress: called with a short description as each step starts (``"capture"``,
+            ``"translate"``, ``"save"``, ``"check"``, ``"verify"``), for a CLI progress
+            display; exports take seconds to minutes.
     """
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    step = progress if progress is not None else (lambda _: None)
     opset = _check_opset(opset)
     if external_data not in (True, False, "auto"):
         raise ExportError(f"external_data must be True, False or 'auto', got {external_data!r}")
@@ -470,6 +481,7 @@ def export_onnx(
     tmpdir = None
     try:
         start = time.perf_counter()
+        step("capture")
         exported = _capture(model, args, kwargs, dynamic_shapes)
         attnres_ops = _count_attnres(exported)
         if attnres_ops == 0:
@@ -479,6 +491,7 @@ def export_onnx(
                     "attnres_rewrite.convert(model, example_inputs), or pass require_attnres=False to export it as is"
                 )
             notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
+        step("translate")
         program = _torch_export(exported, opset, as_function, optimize)
         if dynamic:
             _name_dynamic_axes(program.model)
@@ -490,6 +503,7 @@ def export_onnx(
         tmpdir = Path(tempfile.mkdtemp(prefix=".attnres-export-", dir=dest.parent))
         staged = tmpdir / dest.name
         try:
+            step("save")
             _save(program, staged, external)
         except OSError as exc:
             raise ExportError(f"writing the ONNX file failed: {exc.strerror or exc}") from exc
@@ -498,6 +512,7 @@ def export_onnx(
         import onnx
 
         try:
+            step("check")
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as exc:  # onnx raises ValidationError / InferenceError
             raise ExportError(f"the exported model fails onnx.checker: {_short(exc)}") from exc
@@ -511,6 +526,7 @@ def export_onnx(
         report = ExportReport(
             onnx_path=str(dest),
             opset=opset,
+            ir_version=header.ir_version,
             as_function=as_function,
             dynamic=dynamic,
             attnres_ops=attnres_ops,
@@ -526,6 +542,7 @@ def export_onnx(
             notes=notes,
         )
         if runtime is not None:
+            step("verify")
             _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed)
 
         if staged_data.exists():
