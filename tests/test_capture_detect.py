@@ -14,6 +14,7 @@ from torch import nn
 
 import attnres_rewrite as ar
 import samples
+from attnres_rewrite import reference
 from attnres_rewrite.api import convert_captured, equivalence, inspect_captured
 from attnres_rewrite.errors import InvalidInputError, NoResidualStreamError, NotConvertibleError, TraceError
 from attnres_rewrite.passes.capture import capture
@@ -217,20 +218,50 @@ def test_two_streams():
 
 
 class ConvStream(nn.Module):
-    def __init__(self):
+    """Channel-first stream ``x + conv(norm(x))``; GroupNorm is scale-invariant, BatchNorm is not."""
+
+    def __init__(self, norm: str):
         super().__init__()
+        make = {"group": lambda: nn.GroupNorm(2, 6), "batch": lambda: nn.BatchNorm2d(6)}[norm]
+        self.norms = nn.ModuleList(make() for _ in range(3))
         self.convs = nn.ModuleList(nn.Conv2d(6, 6, 3, padding=1) for _ in range(3))
 
     def forward(self, x):
-        for c in self.convs:
-            x = x + c(x)
+        for n, c in zip(self.norms, self.convs):
+            x = x + c(n(x))
         return x.mean((2, 3))
 
 
-def test_channel_first_conv_stream_reported():
-    report = ar.inspect(ConvStream().eval(), (torch.randn(2, 6, 5, 5),))
-    (stream,) = report.streams
-    assert not stream.convertible and "channel-first" in stream.reason
+@pytest.mark.parametrize("norm, kind", [("group", "prenorm"), ("batch", "additive")])
+def test_channel_first_conv_stream(norm, kind):
+    model = ConvStream(norm).eval()
+    inputs = (torch.randn(2, 6, 5, 5),)
+    captured = capture(model, inputs)
+    (stream,) = inspect_captured(captured).streams
+    assert stream.convertible and stream.kind == kind
+    assert stream.dim == 6 and stream.num_sublayers == 3
+    converted = convert_captured(captured, mode="exact", num_blocks=2)
+    assert converted.attnres_plan.streams[0].feature_axis == 1
+    assert converted.get_parameter(converted.attnres_plan.streams[0].query).shape == (4, 6)
+    rep = equivalence(model, converted, inputs)
+    assert rep.max_abs <= 1e-5 * rep.max_ref
+    # non-zero queries: compare with the reference math on the channel axis
+    with torch.no_grad():
+        converted.get_parameter(converted.attnres_plan.streams[0].query).normal_()
+        x = inputs[0]
+
+        params = reference.StreamParams(
+            converted.get_parameter(converted.attnres_plan.streams[0].query),
+            converted.get_parameter(converted.attnres_plan.streams[0].key_gain),
+        )
+        fs = [
+            lambda h, n=n, c=c: c(n(h.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+            for n, c in zip(model.norms, model.convs)
+        ]
+        out = reference.block_attnres_stream(
+            x.permute(0, 2, 3, 1), fs, params, num_blocks=2, eps=converted.attnres_plan.streams[0].eps, mode="exact"
+        )
+        torch.testing.assert_close(converted(x), out.permute(0, 3, 1, 2).mean((2, 3)), rtol=1e-5, atol=1e-5)
 
 
 def test_deep_stream_200_sublayers():

@@ -109,6 +109,7 @@ class Stream:
     dtype: torch.dtype
     eps: float | None = None
     norm_paths: list[str] = field(default_factory=list)
+    feature_axis: int = -1  # 1 for channel-first convolutional streams (B, C, H, W)
 
     @property
     def output(self) -> Node:
@@ -475,6 +476,14 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
         stream.kind, stream.convertible = "single", False
         stream.reason = "chain of length 1: a single residual add is not a stream"
         return stream
+    conv = isinstance(val, torch.Tensor) and val.dim() == 4 and _has_conv(g, sublayers, states)
+    if conv:
+        stream.feature_axis = 1
+        stream.dim = dim = int(val.shape[1]) if not isinstance(val.shape[1], torch.SymInt) else -1
+        if len({_shape_key(s) for s in states}) > 1:
+            stream.kind, stream.convertible = "unsupported", False
+            stream.reason = "shape change along a channel-first convolutional stream"
+            return stream
     shapes = {_shape_key(s) for s in states}
     numels = {str(_val(s).numel()) for s in states if isinstance(_val(s), torch.Tensor)}
     if len({sh[-1] if sh else None for sh in shapes}) > 1 or len(numels) > 1:
@@ -483,14 +492,7 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
         return stream
     if dim < 1:
         stream.kind, stream.convertible = "unsupported", False
-        stream.reason = "the feature (last) axis has a dynamic size"
-        return stream
-    if isinstance(val, torch.Tensor) and val.dim() == 4 and _has_conv(g, sublayers, states):
-        stream.kind, stream.convertible = "unsupported", False
-        stream.reason = (
-            "channel-first convolutional stream (B, C, H, W): the feature axis is axis 1, which the AttnRes ops "
-            "do not support yet"
-        )
+        stream.reason = "the feature axis has a dynamic size"
         return stream
     # prenorm: every branch starts with a norm of the stream it reads
     chain_nodes = {a.node for a in chain}
@@ -500,6 +502,9 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
         if not consumers:
             prenorm = False
         for c in consumers:
+            if _is_batch_norm(c):
+                prenorm = False  # per-channel affine at inference: not invariant to the 1/K scale of paper mode
+                continue
             if c.op == "call_function" and c.target in _NORM_OPS:
                 idx = _NORM_OPS[c.target]
                 eps = c.args[idx] if len(c.args) > idx else None
@@ -522,6 +527,13 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     else:
         stream.reason = "branches do not start with a norm of the stream: equivalence only in exact mode"
     return stream
+
+
+def _is_batch_norm(node: Node) -> bool:
+    if node.op == "call_function" and "batch_norm" in str(node.target):
+        return True
+    entry = _innermost(node)
+    return entry is not None and "batchnorm" in entry[1].rsplit(".", 1)[-1].lower()
 
 
 def _has_conv(g: _Graph, sublayers: list[Sublayer], states: list[Node]) -> bool:

@@ -43,6 +43,7 @@ class StreamPlan:
     eps: float
     query: str  # parameter names
     key_gain: str
+    feature_axis: int = -1  # 1: channel-first (B, C, H, W) stream, aggregated on a channels-last view
 
     @property
     def num_sublayers(self) -> int:
@@ -144,6 +145,7 @@ def make_stream_plan(stream, *, num_blocks, block_size, full, eps: float | None)
         eps=float(chosen_eps),
         query=f"attnres.{stream.name}.query",
         key_gain=f"attnres.{stream.name}.key_gain",
+        feature_axis=stream.feature_axis,
     )
 
 

@@ -21,6 +21,8 @@ row, role, block) for the compile lowering.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -96,8 +98,30 @@ def _insertion_point(node: Node) -> Node:
 
 
 def _aggregate(
-    cur: _Cursor, sources: list[Node], plan: StreamPlan, row: int, mode: str, like: Node, info: dict
+    cur: _Cursor,
+    sources: list[Node],
+    plan: StreamPlan,
+    row: int,
+    mode: str,
+    like: Node,
+    info: dict,
+    channels_last: dict[Node, Node] | None = None,
 ) -> Node:
+    """One ``block_attnres`` call; channel-first streams aggregate channels-last views.
+
+    ``channels_last`` caches one permuted view per source node, so consecutive calls
+    still share their completed-block source nodes (the compile lowering groups on them).
+    """
+    if plan.feature_axis == 1:
+        assert channels_last is not None
+        views = []
+        for src in sources:
+            if src not in channels_last:
+                channels_last[src] = cur.call(aten.permute.default, (src, [0, 2, 3, 1]))
+            views.append(channels_last[src])
+        out = _aggregate(cur, views, dataclasses.replace(plan, feature_axis=-1), row, mode, like, info)
+        out.meta.pop("val", None)
+        return cur.call(aten.permute.default, (out, [0, 3, 1, 2]))
     q = cur.get_attr(plan.query)
     g = cur.get_attr(plan.key_gain)
     qr = cur.call(aten.select.int, (q, 0, row))
@@ -142,6 +166,7 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
             block_of[l] = n
         last_of_block.add(hi - 1)
 
+    channels_last: dict[Node, Node] = {}
     completed: list[Node] = [stream.start]
     partial: Node | None = None
     created: set[Node] = set()
@@ -167,7 +192,7 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
         for row, role in aggregations:
             sources = completed + ([partial] if partial is not None else [])
             info = {"role": role, "block": len(completed)}
-            h = _aggregate(cur, sources, plan, row, mode, stream.start, info)
+            h = _aggregate(cur, sources, plan, row, mode, stream.start, info, channels_last)
             if _shape(state) != _shape(stream.start):
                 h = _reshape_like(cur, h, stream.sublayers[added_at[j][-1]].value)
             mine = cur.created
