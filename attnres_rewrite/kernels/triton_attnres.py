@@ -19,11 +19,16 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
   (``S/d`` of the data size); an *apply* kernel on a 2-D grid (token groups x d-chunks)
   then streams the sources once more and produces outputs / gradients from those
   coefficients. So the split forward reads the sources twice (stats pass, accumulate
-  pass) and the backward reads them twice as well -- which the op contract forces
-  anyway: ``block_attnres_backward`` gets ``out``, not the log-sum-exp, so the
-  logits must be recomputed before any gradient can be formed (see the report: saving
-  a per-token LSE in the forward would allow a fused single-read backward for rows
-  that fit in registers).
+  pass), and so does every backward: ``block_attnres_backward`` receives ``out``, not
+  the per-token log-sum-exp, so all logits must be recomputed before the first gradient
+  can be formed. (A forward that also saved the fp32 LSE, T floats, would allow a fused
+  single-read backward for rows that fit in registers.) The backward does not read
+  ``out`` (or phase 1's fp32 ``o``) at all: ``grad_out . out`` is rebuilt in fp32 from the
+  per-source dots ``grad_out . v_i`` the stats pass computes anyway, which also avoids
+  amplifying the fp16/bf16 rounding of ``out`` in the softmax-gradient subtraction.
+* **Phase 2** is one small kernel per direction: the partial sum's logit, the
+  online-softmax merge with ``(o, m, l)`` and the output in one pass (the row is held in
+  registers up to 8192 features; beyond, a stats pass over d-chunks comes first).
 * **Query / gain gradients** are reduced deterministically in two stages: each program
   of the apply kernel accumulates its ``[S, d-chunk]`` partial sum in registers over
   all of its tokens and writes it once to ``partial[group, S, d]``; the launcher sums
@@ -46,6 +51,7 @@ Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -128,9 +134,33 @@ def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None) -> tuple[int,
     return bt, bd, _warps(s_pad * bt * bd)
 
 
+_PTR_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_PTR_TABLES_MAX = 4096
+
+
 def _ptr_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """int64 tensor of data pointers (read in the kernel, cast with ``tl.pointer_type``)."""
-    return torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64, device=device)
+    """int64 tensor of data pointers (read in the kernel, cast with ``tl.pointer_type``).
+
+    On CUDA the table is cached by its content (the pointer values themselves, so a hit
+    can never be stale): a training loop meets the same addresses step after step (the
+    caching allocator reuses blocks), and a miss is a pinned, non-blocking copy, so the
+    host never waits for the GPU to drain before a launch. A table also stays valid
+    inside a CUDA graph captured after it was built.
+    """
+    ptrs = tuple(x.data_ptr() for x in tensors)
+    if device.type != "cuda":
+        return torch.tensor(ptrs, dtype=torch.int64, device=device)
+    key = (device.index, ptrs)
+    table = _PTR_TABLES.get(key)
+    if table is None:
+        host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
+        table = host.to(device, non_blocking=True)
+        _PTR_TABLES[key] = table
+        if len(_PTR_TABLES) > _PTR_TABLES_MAX:
+            _PTR_TABLES.popitem(last=False)
+    else:
+        _PTR_TABLES.move_to_end(key)
+    return table
 
 
 def _flat(x: Tensor) -> Tensor:
