@@ -8,6 +8,8 @@ then differentiates ``block_phase1`` / ``block_phase2`` through their registered
 autograd formulas, so the forward *and* the backward graph Inductor receives follow
 the two-phase schedule (``block_phase1_backward`` once per block), and the backward
 is correct by construction rather than by a second hand-written graph surgery.
+The price is memory: autograd keeps phase 1's ``o`` (``S x tokens x d``, fp32) for the
+backward, one fp32 activation per sublayer that the single-pass op does not save.
 
 Grouping rule. Every call has a source tuple ``t``. A tuple that is the sources of
 one call *and* the prefix of another call's sources is a *block key* (the completed

@@ -1,0 +1,219 @@
+"""End-to-end cost of Block AttnRes under torch.compile, written to benchmarks/results/end_to_end.json.
+
+For a Llama-style decoder (``samples.llama``) at a few sizes, three variants:
+
+* ``original_inductor``: the unconverted model, ``torch.compile`` (Inductor);
+* ``converted_inductor``: the converted model, ``torch.compile`` (Inductor; one
+  ``block_attnres`` kernel call per sublayer);
+* ``converted_attnres``: the converted model, ``backend="attnres"`` (two-phase
+  schedule, then Inductor).
+
+Measured per variant: forward latency under ``no_grad`` and training-step time
+(forward, loss, backward, SGD step), as medians; training memory peak. On CUDA the
+peak is ``torch.cuda.max_memory_allocated`` over one step. On CPU (Linux) it is the
+growth of the resident set during one step: freed heap is returned to the OS
+(``malloc_trim``) and the high-water mark reset (``/proc/self/clear_refs``) first, so
+the figure is what the step itself touches, not what compilation left behind.
+
+Usage: ``python benchmarks/end_to_end.py`` (CPU, small sizes, a few minutes on two
+cores, one thread by default); ``python benchmarks/end_to_end.py --device cuda --sizes 1024x16x2048,2048x16x2048
+--dtype bfloat16`` for the GPU figures the issue asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import attnres_rewrite  # noqa: E402
+import samples  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "end_to_end.json"
+VARIANTS = ("original_inductor", "converted_inductor", "converted_attnres")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn: Callable[[], object], device: str, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_bytes(step: Callable[[], None], device: str) -> int | None:
+    """Memory peak of one training step (see the module docstring for the CPU method)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def _models(dim: int, layers: int, seq: int, batch: int, num_blocks: int, device: str, dtype: torch.dtype):
+    """The original decoder and its conversion (parameters shared), plus token ids."""
+    heads = max(1, dim // 64) if dim >= 256 else 4
+    hidden = 64 * ((8 * dim // 3 + 63) // 64)
+    model, _ = samples.get("llama", dim=dim, layers=layers, heads=heads, hidden=hidden, dropout=0.0, vocab=512)
+    model = model.to(device=device, dtype=dtype).train()
+    ids = torch.randint(0, 512, (batch, seq), device=device)
+    converted = attnres_rewrite.convert(model, (ids,), num_blocks=num_blocks)
+    return model, converted, ids
+
+
+def _compiled(variant: str, model, converted):
+    if variant == "original_inductor":
+        return model, torch.compile(model)
+    if variant == "converted_inductor":
+        return converted, torch.compile(converted)
+    return converted, torch.compile(converted, backend="attnres")
+
+
+class _Runner:
+    """One variant's compiled forward and training step."""
+
+    def __init__(self, module, compiled, ids):
+        self.compiled, self.ids = compiled, ids
+        self.opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-6)
+
+    def forward(self) -> None:
+        with torch.no_grad():
+            self.compiled(self.ids)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.compiled(self.ids).float().square().mean().backward()
+        self.opt.step()
+
+    def warm_up(self) -> float:
+        """Compile the inference and training graphs; return the seconds it took."""
+        start = time.perf_counter()
+        for _ in range(3):
+            self.forward()
+            self.step()
+        return time.perf_counter() - start
+
+
+def _measure_interleaved(runners: dict, device: str, rounds: int, iters: int) -> dict:
+    """Medians over rounds that alternate the variants, so load drift on a shared host hits all alike."""
+    times = {name: {"forward_ms": [], "train_step_ms": []} for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name]["forward_ms"].append(_median_ms(runner.forward, device, iters))
+            times[name]["train_step_ms"].append(_median_ms(runner.step, device, iters))
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def _overheads(row: dict) -> dict:
+    base = row["original_inductor"]
+    out = {}
+    for variant in ("converted_inductor", "converted_attnres"):
+        for key in ("forward_ms", "train_step_ms", "train_peak_bytes"):
+            if base.get(key) and row[variant].get(key) is not None:
+                out[f"{variant}.{key}"] = round(row[variant][key] / base[key] - 1.0, 4)
+    return out
+
+
+def run_size(dim, layers, seq, args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    sublayers = 2 * layers
+    num_blocks = max(1, -(-sublayers // args.block_size))
+    model, converted, ids = _models(dim, layers, seq, args.batch, num_blocks, args.device, dtype)
+    row = {"dim": dim, "layers": layers, "sublayers": sublayers, "seq": seq, "batch": args.batch}
+    row.update(num_blocks=num_blocks, block_size=args.block_size)
+    torch._dynamo.reset()
+    runners = {}
+    for variant in VARIANTS:
+        runners[variant] = _Runner(*_compiled(variant, model, converted), ids)
+        row[variant] = {"compile_and_warm_up_s": round(runners[variant].warm_up(), 2)}
+        print(f"  compiled {variant} in {row[variant]['compile_and_warm_up_s']} s", flush=True)
+    timings = _measure_interleaved(runners, args.device, args.rounds, args.iters)
+    for variant, runner in runners.items():
+        row[variant].update(timings[variant], train_peak_bytes=_peak_bytes(runner.step, args.device))
+        print(f"  {variant}: {row[variant]}", flush=True)
+    row["overhead_vs_original"] = _overheads(row)
+    return row
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """``DIMxLAYERSxSEQ`` items separated by commas."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--sizes", default="64x4x64,128x4x128", help="DIMxLAYERSxSEQ,...")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=4, help="sublayers per block (S)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    # Before any compile: Inductor bakes the OpenMP thread count into its C++ kernels, and
+    # spinning OpenMP threads on a shared, oversubscribed host cost 10-50x in latency.
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for dim, layers, seq in _parse_sizes(args.sizes):
+        print(f"d={dim} layers={layers} T={seq}", flush=True)
+        rows.append(run_size(dim, layers, seq, args))
+    result = {
+        "benchmark": "end_to_end",
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "peak_memory_method": "cuda max_memory_allocated" if args.device == "cuda" else "RSS growth during one step",
+        "note": "CPU figures only; GPU figures (the issue's d=1024/2048, T=2048 targets) not yet measured.",
+        "sizes": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
