@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,22 @@ def note(message: str) -> None:
 
 
 @contextmanager
-def step(label: str) -> Iterator[None]:
-    """Show a spinner for a long step on a terminal; log its completion and duration to stderr."""
+def step(label: str) -> Iterator[Callable[[str], None]]:
+    """Show a spinner for a long step on a terminal; log its completion and duration to stderr.
+
+    Yields ``update(detail)``, which shows a sub-step (e.g. the exporter's "translate")
+    in the spinner; off a terminal sub-steps are not logged, to keep logs short.
+    """
     console = stderr()
     start = time.perf_counter()
-    spinner = console.status(f"{escape(label)}...") if console.is_terminal else nullcontext()
-    with spinner:  # on failure nothing is logged here: the error message that follows says it all
-        yield
+    status = console.status(f"{escape(label)}...") if console.is_terminal else None
+
+    def update(detail: str) -> None:
+        if status is not None:
+            status.update(f"{escape(label)}: {escape(detail)}...")
+
+    with status if status is not None else nullcontext():  # on failure the error message says it all
+        yield update
     console.print(f"[green]✓[/green] {escape(label)} [dim]({time.perf_counter() - start:.1f}s)[/dim]")
 
 

@@ -40,10 +40,12 @@ def run(
     kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify}
     if opset is not None:
         kwargs["opset"] = opset
-    with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")):
-        report = onnx.export_onnx(converted, resolved.example_inputs, out, **kwargs)
+    with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")) as update:
+        report = onnx.export_onnx(converted, resolved.example_inputs, out, progress=update, **kwargs)
     payload = {"model": spec, "adapter": str(adapter) if adapter else None, **_report_dict(report)}
     payload.setdefault("onnx_path", str(out))
+    for line in payload.get("notes") or []:
+        output.note(line)
     if as_json:
         output.emit_json(payload)
         return
