@@ -49,7 +49,9 @@ def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the AttnRes config and weights of ``converted`` (a result of :func:`convert`) to ``directory``."""
     from safetensors.torch import save_file
 
-    plan = getattr(converted, "attnres_plan", None)
+    from .api import plan_of
+
+    plan = plan_of(converted)
     params = getattr(converted, "attnres", None)
     if plan is None or params is None:
         raise InvalidInputError(

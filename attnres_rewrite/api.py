@@ -29,6 +29,7 @@ __all__ = [
     "convert_captured",
     "inspect_captured",
     "build_plan",
+    "plan_of",
     "equivalence",
     "fresh_inputs",
     "save_adapter",
@@ -198,7 +199,18 @@ def apply_plan(module: torch.fx.GraphModule, detection: Detection, plan: Convers
     """Rewrite ``module`` (the graph ``detection`` ran on) per ``plan``; attach the plan."""
     converted = rewrite(module, detection, plan)
     converted.attnres_plan = plan
+    converted.meta["attnres_plan"] = plan  # GraphModule.meta survives copy.deepcopy, attributes do not
     return converted
+
+
+def plan_of(module: nn.Module) -> ConversionPlan | None:
+    """The plan of a converted module (also after ``copy.deepcopy``), else None."""
+    plan = getattr(module, "attnres_plan", None)
+    if plan is None:
+        plan = (
+            getattr(module, "meta", {}).get("attnres_plan") if isinstance(getattr(module, "meta", None), dict) else None
+        )
+    return plan
 
 
 # --------------------------------------------------------------------------------------

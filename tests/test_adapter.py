@@ -103,3 +103,13 @@ def test_plan_json_round_trip(trained):
     assert again == plan
     assert again.streams[0].num_rows == 5 and again.streams[0].output_row == 4
     assert again.parameter_names() == ["attnres.layers.query", "attnres.layers.key_gain"]
+
+
+def test_deepcopy_keeps_plan_and_saves(trained, tmp_path):
+    import copy
+
+    converted, _, _ = trained
+    clone = copy.deepcopy(converted)
+    ar.save_adapter(clone, tmp_path / "copy")
+    weights = load_file(tmp_path / "copy" / WEIGHTS_NAME)
+    torch.testing.assert_close(weights["attnres.layers.key_gain"], converted.attnres.layers.key_gain.detach())

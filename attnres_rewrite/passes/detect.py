@@ -443,7 +443,10 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     val = _val(states[-1])
     dim = int(val.shape[-1]) if isinstance(val, torch.Tensor) and not isinstance(val.shape[-1], torch.SymInt) else -1
     paths = [s.module_path for s in sublayers]
-    name = re.sub(r"[^0-9A-Za-z_]", "_", _common_prefix(paths)) or f"stream{index}"
+    prefix = _common_prefix(paths).split(".") if paths else []
+    while prefix and prefix[-1].isdigit():  # a one-layer model must not name its stream "layers_0"
+        prefix.pop()
+    name = re.sub(r"[^0-9A-Za-z_]", "_", ".".join(prefix)) or f"stream{index}"
     stream = Stream(
         name=name,
         kind="additive",
