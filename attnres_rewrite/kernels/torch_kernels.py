@@ -143,7 +143,10 @@ def phase1_backward(
     max_i z_i``; that dependence routes ``grad_m - grad_o.o - grad_l*l`` to the
     source that attains the max (the first one on ties). When phase 1 feeds the
     phase-2 merge this term cancels mathematically, but it keeps phase 1 correct as
-    an op on its own.
+    an op on its own. The max is located by the recomputed logits (a first pass that
+    keeps ``K`` scalars per token), not by equality with the saved ``m``: a saved
+    ``m`` from another kernel may differ in the last bit, and the term must not
+    silently vanish then.
     """
     u = acc(queries) * acc(key_gains)
     go = torch.zeros_like(o) if grad_o is None else acc(grad_o)
@@ -152,16 +155,18 @@ def phase1_backward(
     if grad_m is not None:
         g_peak = g_peak + acc(grad_m)
     u_tokens = u.view(u.shape[0], *([1] * (m.dim() - 1)), u.shape[1])  # (S, 1.., d)
-    unclaimed = torch.ones_like(m, dtype=torch.bool)
-    grads, gu = [], torch.zeros_like(u)
+    logits, rinv = [], []
     for src in sources:
         v = acc(src)
         r = torch.rsqrt(v.pow(2).mean(dim=-1) + eps)
-        z = torch.movedim(v @ u.T, -1, 0) * r
+        logits.append(torch.movedim(v @ u.T, -1, 0) * r)
+        rinv.append(r)
+    peak_index = torch.stack(logits).argmax(dim=0)  # first maximum on ties
+    grads, gu = [], torch.zeros_like(u)
+    for i, (src, z, r) in enumerate(zip(sources, logits, rinv)):
+        v = acc(src)
         p = torch.exp(z - m)
-        is_peak = unclaimed & (z == m)
-        unclaimed = unclaimed & ~is_peak
-        gz = p * ((go * v).sum(dim=-1) + gl) + torch.where(is_peak, g_peak, 0.0)
+        gz = p * ((go * v).sum(dim=-1) + gl) + torch.where(peak_index == i, g_peak, 0.0)
         gv = (p.unsqueeze(-1) * go).sum(dim=0)
         gv = gv + _logit_grad_to_source(gz, z, r, v, u_tokens).sum(dim=0)
         gu = gu + ((gz * r).unsqueeze(-1) * v).reshape(u.shape[0], -1, v.shape[-1]).sum(dim=1)
