@@ -19,8 +19,9 @@ and, for a block of S = 8 sublayers whose queries share the K completed blocks,
 
 Bandwidth. ``bytes_fwd = (K + 1) * T * d * itemsize`` (every source read once, the
 output written once: the minimum traffic of one aggregation); ``bytes_fwd_bwd =
-bytes_fwd + (2K + 2) * T * d * itemsize`` (the backward reads the K sources, grad_out
-and out, and writes K source gradients). GB/s = bytes / median time (1 GB = 1e9 B);
+bytes_fwd + (2K + 1) * T * d * itemsize`` (the backward reads the K sources and
+grad_out once, and writes K source gradients; its second read of the sources is not
+counted, so the figure is the minimum traffic). GB/s = bytes / median time (1 GB = 1e9 B);
 ``frac_peak`` divides by the device's nominal HBM bandwidth when the GPU model is
 known, else by a measured device-to-device copy bandwidth (``peak_source`` says which).
 
@@ -74,7 +75,7 @@ NOMINAL_GBPS = [
 
 BYTES_FORMULA = {
     "fwd": "(K + 1) * T * d * itemsize  # K sources read once + output written once",
-    "fwd_bwd": "(3K + 3) * T * d * itemsize  # fwd + backward reads K sources, grad_out, out; writes K grads",
+    "fwd_bwd": "(3K + 2) * T * d * itemsize  # fwd + backward reads K sources and grad_out; writes K grads",
     "GBps": "bytes / median_seconds / 1e9",
     "frac_peak": "GBps / peak_GBps",
 }
@@ -149,7 +150,7 @@ def _try(fn: Callable[[], float]) -> float | str:
 def bench_shape(t: int, d: int, k: int, dtype: torch.dtype, device: str, args, use_triton: bool, compiled) -> dict:
     item = torch.empty((), dtype=dtype).element_size()
     unit = t * d * item
-    row: dict = {"tokens": t, "d": d, "sources": k, "bytes_fwd": (k + 1) * unit, "bytes_fwd_bwd": (3 * k + 3) * unit}
+    row: dict = {"tokens": t, "d": d, "sources": k, "bytes_fwd": (k + 1) * unit, "bytes_fwd_bwd": (3 * k + 2) * unit}
     # sources, grads, out, grad_out, and an fp32 temporary of the PyTorch paths
     if not _fits(device, (2 * k + 4) * unit + 3 * t * d * 4):
         row["skipped"] = "does not fit in device memory"
@@ -181,8 +182,8 @@ def bench_shape(t: int, d: int, k: int, dtype: torch.dtype, device: str, args, u
         }
 
     def eager_fwd_bwd():
-        out = K.attnres_forward(srcs, q, g, EPS, 1.0)
-        K.attnres_backward(go, out, srcs, q, g, EPS, 1.0)
+        K.attnres_forward(srcs, q, g, EPS, 1.0)
+        K.attnres_backward(go, srcs, q, g, EPS, 1.0)
 
     variants["eager"] = {
         "fwd_ms": _try(lambda: timing(lambda: K.attnres_forward(srcs, q, g, EPS, 1.0))),

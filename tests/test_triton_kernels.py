@@ -169,7 +169,7 @@ def test_block_attnres(case):
     go = torch.randn(t, d).to(DEVICE, dtype)
     gref = torch.autograd.grad(ref, [*rs, rq, rg], go.double())
     for path in _paths(d, idx, False):
-        g_src, g_q, g_g = TA.attnres_backward(go, out, srcs, q, g, EPS, scale, **path)
+        g_src, g_q, g_g = TA.attnres_backward(go, srcs, q, g, EPS, scale, **path)
         assert g_q.dtype == dtype and g_g.dtype == dtype
         for i, (a, e) in enumerate(zip(g_src, gref[:k])):
             assert a.dtype == dtype
@@ -256,7 +256,7 @@ def test_many_sources_multi_axis_tokens():
     _check(out, ref, F32, "forward")
     go = torch.randn_like(out)
     gref = torch.autograd.grad(ref, [*rs, rq, rg], go.double())
-    g_src, g_q, g_g = TA.attnres_backward(go, out, srcs, q, g, EPS, 1.0)
+    g_src, g_q, g_g = TA.attnres_backward(go, srcs, q, g, EPS, 1.0)
     _check(torch.stack(g_src), torch.stack(gref[:k]), F32, "grad sources")
     _check(g_q, gref[k], F32, "grad query")
     _check(g_g, gref[k + 1], F32, "grad key_gain")
@@ -275,8 +275,8 @@ def test_non_contiguous_inputs():
     ref = K.attnres_forward([s.contiguous() for s in srcs], q.contiguous(), g.contiguous(), EPS, 1.0)
     _check(TA.attnres_forward(srcs, q, g, EPS, 1.0), ref, F32, "forward")
     go = torch.randn(d, t, device=DEVICE).t()
-    want = K.attnres_backward(go.contiguous(), ref, [s.contiguous() for s in srcs], q, g.contiguous(), EPS, 1.0)
-    got = TA.attnres_backward(go, ref, srcs, q, g, EPS, 1.0)
+    want = K.attnres_backward(go.contiguous(), [s.contiguous() for s in srcs], q, g.contiguous(), EPS, 1.0)
+    got = TA.attnres_backward(go, srcs, q, g, EPS, 1.0)
     for a, e in zip(got[0], want[0]):
         _check(a, e, F32, "grad source")
     _check(got[1], want[1], F32, "grad query")
@@ -289,8 +289,8 @@ def test_query_gain_gradients_are_deterministic():
     q, g = _params(64, F32)
     out = TA.attnres_forward(srcs, q, g, EPS, 1.0)
     go = torch.randn_like(out)
-    a = TA.attnres_backward(go, out, srcs, q, g, EPS, 1.0)
-    b = TA.attnres_backward(go, out, srcs, q, g, EPS, 1.0)
+    a = TA.attnres_backward(go, srcs, q, g, EPS, 1.0)
+    b = TA.attnres_backward(go, srcs, q, g, EPS, 1.0)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
 
@@ -388,7 +388,7 @@ def test_multi_program_grids(monkeypatch):
     for path in _paths(d, 1, True):
         out = TA.attnres_forward(srcs, q, g, EPS, 1.0, **path)
         _check(out, ref, F32, f"forward {path}")
-        got = TA.attnres_backward(go, out, srcs, q, g, EPS, 1.0, **path)
+        got = TA.attnres_backward(go, srcs, q, g, EPS, 1.0, **path)
         for a, e in zip([*got[0], got[1], got[2]], gref):
             _check(a, e, F32, f"backward {path}")
     ro, rm, rl = R.phase1(rs, rqs, rgs, EPS)

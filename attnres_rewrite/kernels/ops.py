@@ -42,13 +42,13 @@ def _(sources, query, key_gain, eps, scale):
 
 @torch.library.custom_op("attnres::block_attnres_backward", mutates_args=())
 def block_attnres_backward(
-    grad_out: Tensor, out: Tensor, sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float
+    grad_out: Tensor, sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    return K.attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+    return K.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
 
 
 @block_attnres_backward.register_fake
-def _(grad_out, out, sources, query, key_gain, eps, scale):
+def _(grad_out, sources, query, key_gain, eps, scale):
     return [torch.empty_like(s) for s in sources], torch.empty_like(query), torch.empty_like(key_gain)
 
 
@@ -56,13 +56,13 @@ def _block_attnres_setup(ctx, inputs, output):
     sources, query, key_gain, eps, scale = inputs
     ctx.num_sources = len(sources)
     ctx.eps, ctx.scale = eps, scale
-    ctx.save_for_backward(*sources, query, key_gain, output)
+    ctx.save_for_backward(*sources, query, key_gain)
 
 
 def _block_attnres_grad(ctx, grad_out):
-    *sources, query, key_gain, out = ctx.saved_tensors
+    *sources, query, key_gain = ctx.saved_tensors
     g_src, g_q, g_g = torch.ops.attnres.block_attnres_backward(
-        grad_out.contiguous(), out, sources, query, key_gain, ctx.eps, ctx.scale
+        grad_out.contiguous(), sources, query, key_gain, ctx.eps, ctx.scale
     )
     return list(g_src), g_q, g_g, None, None
 

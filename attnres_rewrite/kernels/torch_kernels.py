@@ -60,7 +60,6 @@ def attnres_forward(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor, 
 
 def attnres_backward(
     grad_out: Tensor,
-    out: Tensor,
     sources: Sequence[Tensor],
     query: Tensor,
     key_gain: Tensor,
@@ -74,10 +73,9 @@ def attnres_backward(
     ``grad_out . v_i`` scalars, not read from ``out``: ``out`` is rounded to the
     sources' dtype, and in bf16 that rounding enters ``gz = alpha (scale go.v - go.h)``
     through a cancellation, costing the fp32 query/gain gradients ~1e-3 relative
-    accuracy. ``out`` stays in the signature (the op schema) but is not needed here.
+    accuracy. So the op does not take (and autograd does not keep alive) the output.
     Nothing per source outlives the call; the second pass produces the gradients.
     """
-    del out
     u = acc(query) * acc(key_gain)
     go = acc(grad_out)
     logits, rinv, dots = [], [], []

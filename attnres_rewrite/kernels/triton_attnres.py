@@ -19,11 +19,11 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
   (``S/d`` of the data size); an *apply* kernel on a 2-D grid (token groups x d-chunks)
   then streams the sources once more and produces outputs / gradients from those
   coefficients. So the split forward reads the sources twice (stats pass, accumulate
-  pass), and so does every backward: ``block_attnres_backward`` receives ``out``, not
-  the per-token log-sum-exp, so all logits must be recomputed before the first gradient
-  can be formed. (A forward that also saved the fp32 LSE, T floats, would allow a fused
-  single-read backward for rows that fit in registers.) The backward does not read
-  ``out`` (or phase 1's fp32 ``o``) at all: ``grad_out . out`` is rebuilt in fp32 from the
+  pass), and so does every backward: ``block_attnres_backward`` receives neither the
+  output nor a per-token log-sum-exp, so all logits must be recomputed before the first
+  gradient can be formed. (A forward that also saved the fp32 LSE, T floats, would allow a fused
+  single-read backward for rows that fit in registers.) The backward needs no
+  ``out`` (nor phase 1's fp32 ``o``) at all: ``grad_out . out`` is rebuilt in fp32 from the
   per-source dots ``grad_out . v_i`` the stats pass computes anyway, which also avoids
   amplifying the fp16/bf16 rounding of ``out`` in the softmax-gradient subtraction.
 * **Phase 2** is one small kernel per direction: the partial sum's logit, the
@@ -796,7 +796,6 @@ def attnres_forward(
 
 def attnres_backward(
     grad_out: Tensor,
-    out: Tensor,
     sources: Sequence[Tensor],
     query: Tensor,
     key_gain: Tensor,
@@ -807,7 +806,7 @@ def attnres_backward(
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Triton ``block_attnres_backward`` (recomputes the logits; two reads of each source)."""
     if sources[0].dtype == torch.float64:
-        return K.attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+        return K.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
     grads, gu = _backward(
         _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
     )
@@ -953,8 +952,8 @@ def cuda_block_attnres(sources, query, key_gain, eps, scale):
     return attnres_forward(sources, query, key_gain, eps, scale)
 
 
-def cuda_block_attnres_backward(grad_out, out, sources, query, key_gain, eps, scale):
-    return attnres_backward(grad_out, out, sources, query, key_gain, eps, scale)
+def cuda_block_attnres_backward(grad_out, sources, query, key_gain, eps, scale):
+    return attnres_backward(grad_out, sources, query, key_gain, eps, scale)
 
 
 def cuda_block_phase1(sources, queries, key_gains, eps):
