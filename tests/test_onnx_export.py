@@ -162,6 +162,7 @@ def test_stream_export_has_named_dynamic_axes(stream_exports):
         dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_param for d in dims] == ["batch", "seq"]
         assert report.input_shapes == {"ids": ["batch", "seq"]}
+        assert report.output_names == ["output"]
 
 
 def test_function_form_uses_attnres_domain_with_standard_body(stream_exports):
@@ -480,3 +481,17 @@ def test_export_does_not_leave_temporaries_on_success(tmp_path):
     assert steps == ["capture", "translate", "save", "check", "verify"]
     assert _listing(tmp_path) == ["m.onnx"]
     assert not any(name.startswith(".attnres") for name in os.listdir(tmp_path))
+
+
+def test_public_exporter_path_gives_the_same_model(tmp_path, monkeypatch):
+    """Without the cached registry (private torch API drifted) the public torch.onnx.export is used."""
+    from attnres_rewrite.onnx import export as export_module
+
+    monkeypatch.setattr(export_module, "_cached_registry", lambda opset: None)
+    model = OneAggregation(8)
+    sources = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    report = export_onnx(model, sources, tmp_path / "m.onnx", as_function=True)
+    assert report.onnx_functions == ["attnres.BlockAttnRes"] and report.max_rel_diff <= 1e-4
+    fresh = [torch.randn(4, 6, 8) for _ in range(2)]
+    (got,) = _ort_run(tmp_path / "m.onnx", *fresh)
+    assert _rel(got, R.attnres(fresh, model.query.detach(), model.gain.detach())) <= 1e-5

@@ -206,5 +206,10 @@ def test_converted_hf_model_exports_and_matches(tmp_path, kind, options, as_func
         assert report.input_shapes["input_ids"] == ["batch", "seq"]
     if kind == "whisper":
         assert len(converted.attnres_plan.streams) == 2  # encoder and decoder streams
+        assert report.output_names == ["last_hidden_state", "encoder_last_hidden_state"]
+        assert report.input_shapes["input_features"] == ["batch", 8, 32]  # mel bins and frames are fixed
+        assert not report.notes
+    if kind in ("llama", "qwen2", "gpt2"):
+        assert report.output_names == ["logits"]
     original = model if options["mode"] == "exact" else None
     _check_export(path, report, converted, example, as_function=as_function, original=original)

@@ -240,6 +240,10 @@ def _rename_symbols(model, symbol_names: dict[str, str]) -> None:
         dims, changed = [], False
         for dim in shape:
             if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str):
+                if dim.value.isdigit():  # a size torch.export specialised, written as a "symbol"
+                    dims.append(int(dim.value))
+                    changed = True
+                    continue
                 new = _SYMBOL.sub(lambda m: symbol_names.get(m.group(1), m.group(1)), dim.value)
                 changed |= new != dim.value
                 dims.append(ir.SymbolicDim(new))
@@ -274,12 +278,48 @@ def _name_dynamic_axes(model) -> None:
                     name, k = f"{stem}_{k}", k + 1
                 names[dim.value] = name
                 used.add(name)
-    if names:
-        _rename_symbols(model, names)
+    _rename_symbols(model, names)  # also turns specialised "8"-style symbols into static sizes
 
 
 # --------------------------------------------------------------------------------------
 # Export
+
+
+def _output_names(exported) -> list[str] | None:
+    """Readable ONNX output names from the model's output structure.
+
+    A Hugging Face ``ModelOutput`` gives ``logits``/``last_hidden_state``..., a tuple
+    ``output_0``..., a single tensor ``output``; the exporter would otherwise name them
+    after internal nodes (``layer_norm_11``), which deployment code cannot rely on.
+    """
+    try:
+        spec = exported.call_spec.out_spec
+        leaves = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        paths = pytree.tree_flatten_with_path(leaves)[0]
+    except Exception:  # an output structure pytree cannot describe: keep the exporter's names
+        return None
+    if len(paths) == 1 and not paths[0][0]:
+        return ["output"]
+    names = []
+    for path, _ in paths:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        name = re.sub(r"[^0-9A-Za-z_]+", "_", "_".join(parts)).strip("_") or "output"
+        names.append(f"output_{name}" if name[0].isdigit() else name)
+    return names if len(set(names)) == len(names) else None
+
+
+def _rename_outputs(model, names: list[str] | None) -> None:
+    """Apply :func:`_output_names` where no other value of the graph already has the name."""
+    outputs = list(model.graph.outputs)
+    if names is None or len(names) != len(outputs):
+        return
+    taken = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    for node in model.graph:
+        taken.update(v.name for v in node.outputs if v not in outputs)
+    if taken & set(names) or len({id(v) for v in outputs}) != len(outputs):
+        return  # a clash, or one value returned twice: keep the exporter's names
+    for value, name in zip(outputs, names):
+        value.name = name
 
 
 def _count_attnres(exported_program) -> int:
@@ -493,8 +533,8 @@ def export_onnx(
             notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
         step("translate")
         program = _torch_export(exported, opset, as_function, optimize)
-        if dynamic:
-            _name_dynamic_axes(program.model)
+        _rename_outputs(program.model, _output_names(exported))
+        _name_dynamic_axes(program.model)
         initializer_bytes = sum(
             v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
         )
