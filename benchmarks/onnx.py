@@ -1,0 +1,187 @@
+"""ONNX Runtime CPU latency of converted vs original models, and export time.
+
+Writes benchmarks/results/onnx.json. Not a test. For a Llama-style decoder
+(``samples.llama``) at two sizes it exports, with ``attnres_rewrite.export_onnx``
+(verification on):
+
+* ``original``: the unconverted model;
+* ``converted``: Block AttnRes (``num_blocks`` blocks, ``paper`` mode), inline form;
+* ``converted_function``: the same, with each aggregation as the ``attnres.BlockAttnRes``
+  ONNX function (onnxruntime inlines functions when it loads a model, so this should
+  match ``converted``; the figure checks that the function form costs nothing);
+
+then times ``InferenceSession.run`` on the CPU provider (median over ``--iters`` runs
+after ``--warmup``, fixed ``--threads``; variants are timed in interleaved rounds).
+Export time is ``ExportReport.export_seconds`` (capture, translation, optimisation,
+save); verification (checker and onnxruntime vs PyTorch on new shapes) is reported
+separately, as is the whole ``export_onnx`` call.
+
+The machine this runs on may be shared: the JSON records the load average before and
+after; absolute figures are then inflated, and only the interleaved ratios
+(``latency_vs_original``) are meaningful.
+
+Usage: ``python benchmarks/onnx.py`` (short default, about a minute on two idle
+cores); ``--sizes 512x12x256`` (dim x layers x seq) for larger models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Run as a script, this file's directory is sys.path[0], and this file is named onnx.py:
+# every later ``import onnx`` (by onnxscript, torch.onnx, attnres_rewrite.onnx) would
+# import this script instead of the ONNX library. Drop that entry before anything
+# imports onnx.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import attnres_rewrite  # noqa: E402
+import samples  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "onnx.json"
+VARIANTS = ("original", "converted", "converted_function")
+
+
+def _parse_size(text: str) -> tuple[int, int, int]:
+    dim, layers, seq = (int(x) for x in text.lower().split("x"))
+    return dim, layers, seq
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _interleaved_ms(sessions: dict, feed: dict, warmup: int, iters: int, chunk: int = 3) -> dict:
+    """Per-variant run times (ms), measured in interleaved rounds.
+
+    The machine is shared: load drifts over seconds. Timing variant A fully, then B,
+    would charge the drift to whichever ran during the busy part; alternating small
+    chunks spreads it evenly, so the ratio of medians is fair even when the absolute
+    figures are inflated.
+    """
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    times = {name: [] for name in sessions}
+    while min(len(t) for t in times.values()) < iters:
+        for name, session in sessions.items():
+            for _ in range(chunk):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=10)
+    return {"median": round(statistics.median(times), 3), "p10": round(q[0], 3), "p90": round(q[-1], 3)}
+
+
+def bench_size(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
+    heads = max(1, dim // 32)
+    model, example = samples.get("llama", dim=dim, layers=layers, heads=heads, hidden=int(dim * 8 / 3), seq=16)
+    num_blocks = min(args.num_blocks, 2 * layers)
+    converted = attnres_rewrite.convert(model, example, num_blocks=num_blocks)
+    ids = torch.randint(0, 97, (args.batch, seq), generator=torch.Generator().manual_seed(0))
+    result = {
+        "dim": dim,
+        "layers": layers,
+        "sublayers": 2 * layers,
+        "num_blocks": num_blocks,
+        "batch": args.batch,
+        "seq": seq,
+        "export_example_shape": list(example[0].shape),
+        "params_original": sum(p.numel() for p in model.parameters()),
+        "params_converted": sum(p.numel() for p in converted.parameters()),
+        "variants": {},
+    }
+    sessions = {}
+    for variant in VARIANTS:
+        net = model if variant == "original" else converted
+        path = workdir / f"{variant}_{dim}x{layers}.onnx"
+        start = time.perf_counter()
+        report = attnres_rewrite.export_onnx(net, example, path, as_function=variant == "converted_function")
+        total_s = time.perf_counter() - start
+        sessions[variant] = _session(str(path), args.threads)
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                net(ids)
+            eager_ms = (time.perf_counter() - start) * 1e3 / args.iters
+        result["variants"][variant] = {
+            "export_seconds": round(report.export_seconds, 2),
+            "verify_seconds": round(report.verify_seconds, 2),
+            "export_onnx_total_seconds": round(total_s, 2),
+            "verify_max_rel_diff": report.max_rel_diff,
+            "onnx_file_bytes": report.file_bytes,
+            "attnres_ops": report.attnres_ops,
+            "pytorch_eager_latency_ms_mean": round(eager_ms, 3),
+        }
+        print(f"{dim}x{layers} seq {seq} {variant}: export {report.export_seconds:.1f} s", flush=True)
+    feed = {sessions["original"].get_inputs()[0].name: ids.numpy()}
+    times = _interleaved_ms(sessions, feed, args.warmup, args.iters)
+    base = statistics.median(times["original"])
+    for variant in VARIANTS:
+        entry = result["variants"][variant]
+        entry["ort_cpu_latency_ms"] = _summary(times[variant])
+        entry["latency_vs_original"] = round(statistics.median(times[variant]) / base, 3)
+        print(f"{dim}x{layers} seq {seq} {variant}: ort {entry['ort_cpu_latency_ms']}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64x4x64,192x8x128", help="dim x layers x seq, comma separated")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--num-blocks", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=45)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import onnxruntime as ort
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_size(*_parse_size(s), args, Path(tmp)) for s in args.sizes.split(",")]
+    report = {
+        "benchmark": "onnxruntime CPU latency, converted vs original (samples.llama), and export time",
+        "environment": {
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "opset": attnres_rewrite.onnx.DEFAULT_OPSET,
+        },
+        "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "num_blocks": args.num_blocks},
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
