@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, AttnResError, InvalidInputError
+from .fileio import write_atomic
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter"]
 
@@ -31,18 +31,6 @@ def _versions() -> dict[str, str]:
     from . import __version__
 
     return {"attnres_rewrite": __version__, "torch": torch.__version__}
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
@@ -69,8 +57,8 @@ def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return out
 
 

@@ -113,3 +113,15 @@ def test_deepcopy_keeps_plan_and_saves(trained, tmp_path):
     ar.save_adapter(clone, tmp_path / "copy")
     weights = load_file(tmp_path / "copy" / WEIGHTS_NAME)
     torch.testing.assert_close(weights["attnres.layers.key_gain"], converted.attnres.layers.key_gain.detach())
+
+
+def test_saved_files_get_the_umask_modes_not_private_temp_modes(trained):
+    """Staging uses mkstemp (0600); a finished adapter must be readable like any file the user writes."""
+    import os
+    import stat
+
+    _, _, out = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name

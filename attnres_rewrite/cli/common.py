@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import AdapterError, AttnResError, InvalidInputError
+from ..fileio import apply_default_permissions
 from . import output
 from .sources import ResolvedModel, resolve
 
@@ -193,7 +194,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        _default_permissions(tmp)
+        apply_default_permissions(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.{os.getpid()}.old")
@@ -204,15 +205,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) entries; an output should get the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def device_of(name: str | None) -> torch.device:
