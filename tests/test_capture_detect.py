@@ -367,7 +367,8 @@ def test_report_to_dict_is_json_ready():
     assert data["streams"][0]["blocks"] == [[0, 1], [1, 2]]
 
 
-def test_training_mode_trace_is_noted():
+def test_training_mode_trace_is_noted_and_warned():
     model = Stack("prenorm", layers=2).train()
-    converted = ar.convert(model, (_ids(),))
+    with pytest.warns(UserWarning, match="traced in training mode"):
+        converted = ar.convert(model, (_ids(),))
     assert any("training mode" in note for note in converted.attnres_plan.notes)

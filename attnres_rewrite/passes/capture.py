@@ -133,10 +133,12 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True) -> C
     args, kwargs = normalize_inputs(example_inputs)
     notes: list[str] = []
     if model.training:
-        notes.append(
-            "traced in training mode: dropout and other train-time behaviour are fixed into the graph "
-            "(call model.eval() before converting for inference)"
+        note = (
+            "traced in training mode: dropout and other train-time behaviour are fixed into the graph, "
+            "and .eval() on the result will not turn them off (call model.eval() before converting)"
         )
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=3)
     first_error: BaseException | None = None
     program = None
     if dynamic:
