@@ -13,8 +13,9 @@ Writes benchmarks/results/onnx.json. Not a test. For a Llama-style decoder
 then times ``InferenceSession.run`` on the CPU provider (median over ``--iters`` runs
 after ``--warmup``, fixed ``--threads``; variants are timed in interleaved rounds).
 Export time is ``ExportReport.export_seconds`` (capture, translation, optimisation,
-save); verification (checker and onnxruntime vs PyTorch on new shapes) is reported
-separately, as is the whole ``export_onnx`` call.
+save; the very first export of a process also builds the exporter's op registry);
+verification (onnxruntime vs PyTorch on new shapes) is reported separately, as is the
+whole ``export_onnx`` call (which adds ``onnx.checker``).
 
 The machine this runs on may be shared: the JSON records the load average before and
 after; absolute figures are then inflated, and only the interleaved ratios
