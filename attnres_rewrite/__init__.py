@@ -19,6 +19,7 @@ _LAZY = {
     "convert": "api",
     "save_adapter": "api",
     "load_adapter": "api",
+    "equivalence": "api",
     "ConversionPlan": "passes.plan",
     "export_onnx": "onnx",
     "compile": "backend",

@@ -31,7 +31,15 @@ class AdapterError(AttnResError, ValueError):
 
 
 class ExportError(AttnResError, RuntimeError):
-    """ONNX export or its verification failed (the message carries the numbers)."""
+    """ONNX export failed, or was asked for something it cannot do."""
+
+
+class VerificationError(ExportError):
+    """An exported model ran but its outputs differ from PyTorch beyond tolerance.
+
+    Not a user mistake but a failed check: the CLI exits with 1 for it, not 2, and the
+    message carries the numbers.
+    """
 
 
 class ModelSourceError(AttnResError, ValueError):

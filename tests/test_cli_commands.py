@@ -167,3 +167,17 @@ def test_hf_directory_convert_then_verify(hf_dir, tmp_path):
     assert payload["max_rel_diff"] < 1e-4  # exact mode: equal to float rounding
     verified = ok_json(invoke("verify", str(hf_dir), "--adapter", str(out), "--seq-len", "8", "--json"))
     assert verified["ok"] is True
+
+
+def test_export_verification_mismatch_exits_1_not_2(monkeypatch, tmp_path):
+    """A numeric mismatch is a failed check (1), not a user mistake (2); the numbers are shown."""
+    from attnres_rewrite.errors import VerificationError
+
+    def mismatching_export(*args, **kwargs):
+        raise VerificationError("ONNX output differs from PyTorch beyond tolerance: logits max abs diff 0.5")
+
+    monkeypatch.setattr(common.backend("onnx"), "export_onnx", mismatching_export)
+    result = invoke("export", "samples:gpt2", "-o", str(tmp_path / "m.onnx"), "--blocks", "2")
+    assert result.exit_code == 1, result.stderr
+    assert "verification failed: ONNX output differs from PyTorch beyond tolerance" in result.stderr
+    assert "max abs diff 0.5" in result.stderr

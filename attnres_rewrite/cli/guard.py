@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import typer
 
-from ..errors import AttnResError
+from ..errors import AttnResError, VerificationError
 from .output import stderr
 
 EXIT_CHECK_FAILED = 1
@@ -72,10 +72,10 @@ def guarded(fn: F) -> F:
             raise  # typer already knows how to report these (usage errors exit with 2)
         except Exception as exc:
             debug = debug_enabled(kwargs.get("ctx"), bool(kwargs.get("debug")))
+            if isinstance(exc, (CheckFailed, VerificationError)):
+                _fail(f"verification failed: {_one_line(exc)}", EXIT_CHECK_FAILED, debug)
             if isinstance(exc, AttnResError):
                 _fail(f"error: {_one_line(exc)}", EXIT_USAGE, debug)
-            if isinstance(exc, CheckFailed):
-                _fail(f"verification failed: {_one_line(exc)}", EXIT_CHECK_FAILED, debug)
             hint = "" if debug else "; rerun with --debug for the traceback"
             message = f"internal error: {type(exc).__name__}: {_one_line(exc)}. This is a bug in attnres{hint}."
             _fail(message, EXIT_INTERNAL, debug)

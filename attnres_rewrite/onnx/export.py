@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import ExportError
+from ..errors import ExportError, VerificationError
 from . import verify as _verify
 from .function import DOMAIN, DOMAIN_VERSION, function_ir
 from .runtime import Runtime, find_runtime
@@ -663,7 +663,7 @@ def _run_verification(report, model, args, kwargs, verify_inputs, input_dims, st
         if not (d.max_abs_diff <= atol + rtol * d.torch_max_abs)  # NaN fails too
     ]
     if failures:
-        raise ExportError(
+        raise VerificationError(
             f"ONNX output differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}) on inputs "
             f"{report.verify_input_shapes}: " + "; ".join(failures) + ". No file was written"
         )
