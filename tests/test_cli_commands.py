@@ -81,6 +81,21 @@ def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
         assert "FAILED" in result.stdout
 
 
+def test_verify_onnx_checks_the_exported_file(adapter, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "gpt2.onnx"
+    ok_json(
+        invoke("export", "samples:gpt2", "--adapter", str(adapter[0]), "-o", str(onnx_file), "--no-verify", "--json")
+    )
+    payload = ok_json(
+        invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(onnx_file), "--json")
+    )
+    assert payload["ok"] is True
+    (check,) = [c for c in payload["checks"] if c["check"] == "onnx"]
+    assert check["ok"] and check["providers"]
+    assert check["max_rel_diff"] <= check["rtol"]
+
+
 def test_bench_json_with_training_step_and_a_failing_compile(adapter, monkeypatch):
     """Compiling is stubbed (real compiles take minutes on CPU): the original "compiles" to
     itself, the converted model's compile fails, which must be reported in its row only."""

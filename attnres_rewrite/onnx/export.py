@@ -443,14 +443,6 @@ def _save(program, dest: Path, external: bool) -> None:
     program.save(str(dest), external_data=external)
 
 
-def _input_dims(onnx_model) -> list[list[int | str | None]]:
-    dims = []
-    for value in onnx_model.graph.input:
-        shape = value.type.tensor_type.shape
-        dims.append([d.dim_param if d.HasField("dim_param") else d.dim_value for d in shape.dim])
-    return dims
-
-
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -559,7 +551,7 @@ def export_onnx(
         header = onnx.load(str(staged), load_external_data=False)
         input_names = [v.name for v in header.graph.input]
         output_names = [v.name for v in header.graph.output]
-        input_dims = _input_dims(header)
+        input_dims = _verify.input_dims(header)
         if dynamic and input_dims and not any(isinstance(d, str) for dims in input_dims for d in dims):
             notes.append("no input axis is dynamic in the exported graph: the model pins its input shapes")
         staged_data = tmpdir / f"{dest.name}.data"

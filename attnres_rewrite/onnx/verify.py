@@ -70,6 +70,15 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
+def input_dims(onnx_model) -> list[list[int | str | None]]:
+    """Each graph input's dims: ``int`` for a static size, ``str`` for a symbolic one."""
+    dims = []
+    for value in onnx_model.graph.input:
+        shape = value.type.tensor_type.shape
+        dims.append([d.dim_param if d.HasField("dim_param") else d.dim_value for d in shape.dim])
+    return dims
+
+
 def _new_size(axis: int, size: int) -> int:
     """A size different from the example's: one more on the batch axis, shorter elsewhere.
 

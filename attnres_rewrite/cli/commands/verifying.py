@@ -125,10 +125,7 @@ def _onnx_diffs(path: Path, converted, example_inputs: Any, seed: int) -> tuple[
         raise InvalidInputError(
             f"{path} is not an ONNX model ({type(exc).__name__}); pass a file from `attnres export`."
         ) from exc
-    dims = [
-        [d.dim_param if d.HasField("dim_param") else d.dim_value for d in v.type.tensor_type.shape.dim]
-        for v in header.graph.input
-    ]
+    dims = onnx_verify.input_dims(header)
     args, kwargs = onnx_verify.split_inputs(example_inputs)
     v_args, v_kwargs = onnx_verify.make_verify_inputs(args, kwargs, dims, seed=seed)
     feeds = onnx_verify.tensor_leaves((v_args, v_kwargs))
