@@ -1,9 +1,11 @@
-"""Atomic file output shared by the adapter, the CLI and the ONNX exporter.
+"""Atomic file output shared by the adapter and the CLI.
 
 Outputs are staged in a temporary entry beside their destination and renamed into
 place, so a crash or a failed check never leaves a half-written file. ``mkstemp`` and
 ``mkdtemp`` create private entries (0600/0700); a finished output gets the modes the
-user's umask would give a normally created file instead.
+user's umask would give a normally created file instead. (The ONNX exporter stages in
+a ``mkdtemp`` directory too, but moves only the files ``onnx`` created inside it with
+the usual modes, so it needs no chmod.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import numpy as np
 import onnx
@@ -313,6 +314,10 @@ def test_external_data_is_written_beside_the_model(tmp_path):
     data = tmp_path / "big.onnx.data"
     assert report.external_data == str(data) and data.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temp dir left
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("big.onnx", "big.onnx.data"):  # the umask's usual modes, not the staging directory's 0700
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
     proto = onnx.load(str(path), load_external_data=False)
     assert any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
     (got,) = _ort_run(path, ids)
