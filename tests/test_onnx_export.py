@@ -436,6 +436,21 @@ def test_export_refuses_when_both_runtimes_are_installed(tmp_path, monkeypatch):
     assert _listing(tmp_path) == []
 
 
+def test_advertised_but_unloadable_cuda_is_not_reported_as_verified(tmp_path, monkeypatch):
+    """onnxruntime-gpu without CUDA libraries lists CUDA yet runs on CPU: the report must not claim CUDA."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    rt.provider_loads.cache_clear()
+    try:
+        report = export_onnx(OneAggregation(4), (torch.randn(2, 3, 4),), tmp_path / "m.onnx")
+    finally:
+        rt.provider_loads.cache_clear()
+    assert report.providers == ["CPUExecutionProvider"]
+    assert [r.provider for r in report.provider_results] == ["CPUExecutionProvider"]
+    assert any("advertises CUDAExecutionProvider but it could not be loaded" in n for n in report.notes)
+
+
 def test_training_mode_is_restored(tmp_path):
     model = TinyStream(layers=2)
     model.train()

@@ -640,6 +640,7 @@ def _run_verification(report, model, args, kwargs, verify_inputs, input_dims, st
     report.verify_seconds = time.perf_counter() - start
     report.verify_input_shapes = {n: list(t.shape) for n, t in zip(report.input_names, feeds)}
     report.providers = list(runtime.providers)
+    report.notes.extend(runtime.notes)
     report.runtime = f"{runtime.distribution} {runtime.version}"
     report.provider_results = results
     report.rtol, report.atol = rtol, atol

@@ -9,7 +9,9 @@ how to fix the environment.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ class Runtime:
     distribution: str  # "onnxruntime" or "onnxruntime-gpu"
     version: str
     providers: tuple[str, ...]  # providers we verify with, CPU first
+    notes: tuple[str, ...] = ()  # why an advertised provider is not among them
 
 
 def installed_runtime_distributions() -> list[str]:
@@ -63,10 +66,49 @@ def find_runtime(distributions: Sequence[str] | None = None) -> Runtime:
     except ImportError as exc:  # installed metadata but a broken package
         raise ExportError(f"{found[0]} is installed but cannot be imported ({exc}); reinstall it") from exc
     available = set(ort.get_available_providers())
-    providers = ["CPUExecutionProvider"]
+    providers, notes = ["CPUExecutionProvider"], []
     if "CUDAExecutionProvider" in available:
-        providers.append("CUDAExecutionProvider")
-    return Runtime(found[0], ort.__version__, tuple(providers))
+        if provider_loads("CUDAExecutionProvider"):
+            providers.append("CUDAExecutionProvider")
+        else:
+            notes.append(
+                f"{found[0]} advertises CUDAExecutionProvider but it could not be loaded (CUDA/cuDNN libraries "
+                "or a GPU missing); verified on CPUExecutionProvider only"
+            )
+    return Runtime(found[0], ort.__version__, tuple(providers), tuple(notes))
+
+
+@functools.cache
+def provider_loads(provider: str) -> bool:
+    """Whether onnxruntime really runs ``provider``, probed with a one-node model.
+
+    ``onnxruntime-gpu`` lists CUDA among its available providers even where the CUDA
+    and cuDNN libraries (or the GPU) are missing; a session then falls back to CPU
+    with only a log line, and a verification "on CUDA" would silently be a second CPU
+    run. ``session.get_providers()`` tells what was actually loaded.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "provider_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # the failed library load is logged by the default logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=[provider, "CPUExecutionProvider"]
+            )
+        return provider in session.get_providers()
+    except Exception:  # noqa: BLE001 - any failure to create the provider means it is unusable
+        return False
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
 
 
 def open_session(path: str, provider: str):
