@@ -164,15 +164,6 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _model_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 # --------------------------------------------------------------------------------------
 # Dynamic shapes
 
