@@ -41,6 +41,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError, VerificationError
+from ..passes.lower import count_ops
 from . import verify as _verify
 from .function import DOMAIN, DOMAIN_VERSION, function_ir
 from .runtime import Runtime, find_runtime
@@ -313,14 +314,6 @@ def _rename_outputs(model, names: list[str] | None) -> None:
         value.name = name
 
 
-def _count_attnres(exported_program) -> int:
-    count = 0
-    for node in exported_program.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "attnres":
-            count += 1
-    return count
-
-
 def _fix_function_opsets(model, opset: int) -> None:
     """Align the AttnRes function's default-domain opset with the model's.
 
@@ -506,7 +499,7 @@ def export_onnx(
         start = time.perf_counter()
         step("capture")
         exported = _capture(model, args, kwargs, dynamic_shapes)
-        attnres_ops = _count_attnres(exported)
+        attnres_ops = sum(count_ops(exported.graph_module).values())
         if attnres_ops == 0:
             if require_attnres:
                 raise ExportError(
