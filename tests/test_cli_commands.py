@@ -81,6 +81,15 @@ def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
         assert "FAILED" in result.stdout
 
 
+def test_verify_without_report_takes_the_tolerance_from_the_adapters_mode(tmp_path):
+    out = tmp_path / "exact"
+    ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--mode", "exact", "--json"))
+    (out / "report.json").unlink()  # no recorded difference: the plan's mode decides
+    payload = ok_json(invoke("verify", "samples:gpt2", "--adapter", str(out), "--json"))
+    (check,) = payload["checks"]
+    assert check["rtol"] == 1e-4
+
+
 def test_verify_onnx_checks_the_exported_file(adapter, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx_file = tmp_path / "gpt2.onnx"

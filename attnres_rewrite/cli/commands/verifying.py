@@ -27,17 +27,13 @@ ONNX_RTOL = 1e-4
 ONNX_ATOL = 1e-5
 
 
-def _adapter_rtol(adapter: Path) -> float:
-    """Tolerance for the adapter check: twice what convert measured, else by mode."""
+def _adapter_rtol(adapter: Path, mode: str) -> float:
+    """Tolerance for the adapter check: twice what convert measured, else by the plan's mode."""
     try:
         recorded = json.loads((adapter / "report.json").read_text())
         return max(2.0 * float(recorded["max_rel_diff"]), 1e-5)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    try:
-        mode = json.loads((adapter / "attnres_config.json").read_text()).get("mode", "paper")
-    except (OSError, ValueError, AttributeError):
-        mode = "paper"
     return 1e-4 if mode == "exact" else 1e-3
 
 
@@ -67,7 +63,7 @@ def run(
             max_abs,
             max_rel,
             atol if atol is not None else 0.0,
-            rtol if rtol is not None else _adapter_rtol(adapter),
+            rtol if rtol is not None else _adapter_rtol(adapter, converted.attnres_plan.mode),
         )
     )
     if onnx_path is not None:
