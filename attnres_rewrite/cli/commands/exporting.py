@@ -7,7 +7,6 @@ never silently mix an adapter with different settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,7 @@ def run(
         kwargs["opset"] = opset
     with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")) as update:
         report = onnx.export_onnx(converted, resolved.example_inputs, out, progress=update, **kwargs)
-    payload = {"model": spec, "adapter": str(adapter) if adapter else None, **_report_dict(report)}
-    payload.setdefault("onnx_path", str(out))
+    payload = {"model": spec, "adapter": str(adapter) if adapter else None, **report.to_dict()}
     for line in payload.get("notes") or []:
         output.note(line)
     if as_json:
@@ -51,11 +49,3 @@ def run(
         return
     keys = ["onnx_path", "opset", "max_abs_diff", "max_rel_diff", "providers"]
     output.summary(f"Exported {spec}", [(k.replace("_", " "), payload.get(k)) for k in keys if k in payload])
-
-
-def _report_dict(report: Any) -> dict[str, Any]:
-    if hasattr(report, "to_dict"):
-        return dict(report.to_dict())
-    if is_dataclass(report):
-        return asdict(report)
-    return dict(vars(report))
