@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..adapter import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import AdapterError, AttnResError, InvalidInputError
 from ..fileio import apply_default_permissions
 from . import output
 from .sources import ResolvedModel, resolve
 
-ADAPTER_FILES = ("attnres_config.json", "attnres.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 def backend(module: str) -> Any:
