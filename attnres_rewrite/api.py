@@ -207,9 +207,8 @@ def plan_of(module: nn.Module) -> ConversionPlan | None:
     """The plan of a converted module (also after ``copy.deepcopy``), else None."""
     plan = getattr(module, "attnres_plan", None)
     if plan is None:
-        plan = (
-            getattr(module, "meta", {}).get("attnres_plan") if isinstance(getattr(module, "meta", None), dict) else None
-        )
+        meta = getattr(module, "meta", None)
+        plan = meta.get("attnres_plan") if isinstance(meta, dict) else None
     return plan
 
 
