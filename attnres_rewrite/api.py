@@ -266,7 +266,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def _float_leaves(out: Any) -> list[Tensor]:
+def float_leaves(out: Any) -> list[Tensor]:
+    """The floating-point tensors of a model output (a tensor, a nested structure, or a ModelOutput)."""
     if hasattr(out, "to_tuple"):  # transformers ModelOutput
         out = out.to_tuple()
     return [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor) and x.dtype.is_floating_point]
@@ -285,8 +286,8 @@ def equivalence(
     for batch_delta, seq_delta in ((1, 3), (1, 0), (0, 0)):
         inputs = fresh_inputs(example_inputs, batch_delta=batch_delta, seq_delta=seq_delta, seed=seed)
         try:
-            got = _float_leaves(_call(converted, inputs))
-            want = _float_leaves(_call(original, inputs))
+            got = float_leaves(_call(converted, inputs))
+            want = float_leaves(_call(original, inputs))
         except Exception as exc:  # noqa: BLE001 - try the next, more conservative shape
             last_error = exc
             continue

@@ -139,11 +139,6 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def float_leaves(out: Any) -> list[torch.Tensor]:
-    leaves = pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
-    return [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
-
-
 def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int) -> dict[str, Any]:
     """The API's check on fresh inputs (other batch and sequence sizes than the trace)."""
     api = backend("api")

@@ -55,10 +55,11 @@ def _forward(model: nn.Module, inputs: Any) -> Callable[[], Any]:
 def _train_step(model: nn.Module, inputs: Any) -> Callable[[], Any]:
     """One SGD step on a scalar made of all float outputs (what a fine-tuning loop costs)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    float_leaves = common.backend("api").float_leaves
 
     def run() -> Any:
         optimizer.zero_grad(set_to_none=True)
-        loss = sum(x.float().square().mean() for x in common.float_leaves(common.call(model, inputs)))
+        loss = sum(x.float().square().mean() for x in float_leaves(common.call(model, inputs)))
         loss.backward()
         optimizer.step()
 
