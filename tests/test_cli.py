@@ -145,3 +145,20 @@ def test_config_defaults_reach_the_command(tmp_path):
     cfg.write_text("[convert]\nblocks = 2\n")
     result = invoke("--config", str(cfg), "convert", "samples:llama", "-o", str(tmp_path / "o"), "--full")
     assert_user_error(result, "--blocks and --full are alternatives")
+
+
+def test_atomic_directory_replaces_on_success_and_keeps_the_old_one_on_error(tmp_path):
+    from attnres_rewrite.fileio import atomic_directory
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left behind
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

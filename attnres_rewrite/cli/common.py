@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +19,6 @@ from torch.utils import _pytree as pytree
 
 from ..adapter import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import AdapterError, AttnResError, InvalidInputError
-from ..fileio import apply_default_permissions
 from . import output
 from .sources import ResolvedModel, resolve
 
@@ -177,30 +171,6 @@ def ensure_output_free(path: Path, *, force: bool, kind: str) -> None:
         raise InvalidInputError(f"output file {str(path)!r} exists; pass --force to replace it.")
     if path.is_dir() and kind == "file":
         raise InvalidInputError(f"output {str(path)!r} is a directory; pass a file path such as model.onnx.")
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target`` by rename.
-
-    A crash or error leaves ``target`` as it was (and no half-written adapter behind).
-    """
-    target = target.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        apply_default_permissions(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.{os.getpid()}.old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def device_of(name: str | None) -> torch.device:

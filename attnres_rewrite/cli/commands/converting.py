@@ -16,6 +16,7 @@ import torch
 
 from attnres_rewrite import __version__
 
+from ...fileio import atomic_directory
 from .. import common, output
 
 PAPER_MODE_HINT = 1e-3  # rel. difference above which paper mode is worth a hint about --mode exact
@@ -55,7 +56,7 @@ def run(
         "seconds": round(time.perf_counter() - start, 3),
     }
     api = common.backend("api")
-    with output.step(f"Writing {out}"), common.atomic_directory(out) as tmp:
+    with output.step(f"Writing {out}"), atomic_directory(out) as tmp:
         api.save_adapter(converted, tmp)
         (tmp / "report.json").write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
     if options.mode == "paper" and max_rel > PAPER_MODE_HINT:
