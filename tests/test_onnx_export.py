@@ -515,3 +515,67 @@ def test_public_exporter_path_gives_the_same_model(tmp_path, monkeypatch):
     fresh = [torch.randn(4, 6, 8) for _ in range(2)]
     (got,) = _ort_run(tmp_path / "m.onnx", *fresh)
     assert _rel(got, R.attnres(fresh, model.query.detach(), model.gain.detach())) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# The shared verification (export_onnx and `attnres verify --onnx` both call verify_file)
+
+
+def test_tolerance_is_atol_plus_rtol_times_each_outputs_magnitude():
+    # neither abs (1.5e-5 > 1e-5) nor rel (1.5e-4 > 1e-4) alone is within; their sum is
+    assert vf.within_tolerance(1.5e-5, 0.1, rtol=1e-4, atol=1e-5)
+    assert not vf.within_tolerance(2.5e-5, 0.1, rtol=1e-4, atol=1e-5)
+    assert not vf.within_tolerance(float("nan"), 0.1, rtol=1.0, atol=1.0)
+    small = vf.OutputDiff("small", [2], 1.5e-5, 1.5e-4, 0.1)
+    big = vf.OutputDiff("big", [2], 3e-5, 3e-6, 10.0)  # rel far within, abs beyond atol: within by the sum
+    result = vf.Verification(1e-4, 1e-5, "onnxruntime test", ["CPU"], [[2]], [vf.ProviderResult("CPU", 3e-5, 1.5e-4)])
+    result.results[0].outputs = [small, big]
+    assert result.ok and result.failures == []
+    result.results[0].outputs = [vf.OutputDiff("small", [2], 2.5e-5, 2.5e-4, 0.1), big]
+    (failure,) = result.failures
+    assert failure.startswith("CPU output 'small': max abs diff 2.5e-05")
+
+
+class PinnedSeq(nn.Module):
+    """Runs only at sequence length 6 (and batch 2 when ``pin_batch``): an axis the graph may claim is free."""
+
+    def __init__(self, pin_batch=False):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.pin_batch = pin_batch
+
+    def forward(self, x):
+        if x.shape[1] != 6 or (self.pin_batch and x.shape[0] != 2):
+            raise ValueError(f"expected (2, 6, 4), got {tuple(x.shape)}")
+        return self.proj(x)
+
+
+def test_reference_run_backs_off_to_the_batch_then_to_the_example_shapes():
+    x = torch.randn(2, 6, 4)
+    dims = [["batch", "seq", 4]]
+    _, _, out, notes = vf.reference_run(PinnedSeq(), (x,), {}, dims)
+    assert out.shape == (3, 6, 4)
+    (note,) = notes
+    assert "verified with the batch axis only" in note and "expected (2, 6, 4)" in note
+    _, _, out, notes = vf.reference_run(PinnedSeq(pin_batch=True), (x,), {}, dims)
+    assert out.shape == (2, 6, 4) and "verified with the example's shapes" in notes[0]
+    _, _, out, notes = vf.reference_run(nn.Linear(4, 4), (x,), {}, dims)
+    assert out.shape == (3, 3, 4) and notes == []
+    with pytest.raises(ExportError, match="failed on every verification input"):
+        vf.reference_run(PinnedSeq(), (torch.randn(2, 7, 4),), {}, dims)
+
+
+def test_verify_file_reproduces_the_exporters_figures(tmp_path):
+    """What `attnres verify --onnx` runs on a written file gives what export_onnx reported for it."""
+    model = TinyStream(layers=2).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, (ids,), path, seed=3)
+    dims = vf.input_dims(onnx.load(str(path), load_external_data=False))
+    again = vf.verify_file(
+        str(path), model, (ids,), {}, dims, rt.find_runtime(), rtol=report.rtol, atol=report.atol, seed=3
+    )
+    assert again.ok
+    assert (again.max_abs_diff, again.max_rel_diff) == (report.max_abs_diff, report.max_rel_diff)
+    assert again.input_shapes == list(report.verify_input_shapes.values()) == [[3, 3]]
+    assert again.providers == report.providers and again.runtime == report.runtime

@@ -46,15 +46,14 @@ from . import verify as _verify
 from .function import DOMAIN, DOMAIN_VERSION, function_ir
 from .runtime import Runtime, find_runtime
 from .translations import function_mode, translation_table
+from .verify import DEFAULT_ATOL
+from .verify import short_error as _short
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
 #: Above this many bytes of weights the model is written with external data. Protobuf
 #: caps a message at 2 GiB; the margin leaves room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-#: Relative tolerance of verification by dtype of the model's floating parameters.
-DEFAULT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-DEFAULT_ATOL = 1e-6
 
 
 def max_opset() -> int:
@@ -156,13 +155,6 @@ def _check_destination(path: Any) -> Path:
     except OSError as exc:
         raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
     return dest
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 # --------------------------------------------------------------------------------------
@@ -329,23 +321,6 @@ def _fix_function_opsets(model, opset: int) -> None:
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
 
 
-def _short(exc: BaseException, limit: int = 600) -> str:
-    """The root cause of an exporter error (its messages run to pages).
-
-    Follows explicit causes (``raise ... from``) down to the innermost one, which is
-    where torch puts the actual reason; implicit contexts are mostly noise.
-    """
-    seen = set()
-    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__
-    text = str(exc).strip()
-    for marker in ("\n\nFor more information", "\n\nThe error above"):
-        text = text.split(marker)[0]
-    msg = f"{type(exc).__name__}: {text}"
-    return msg if len(msg) <= limit else msg[:limit] + " ..."
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_registry(opset: int):
     """The exporter's op registry with our translations, built once per process.
@@ -490,7 +465,7 @@ def export_onnx(
         dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
         notes += _static_size_one_notes(args, kwargs)
     if rtol is None:
-        rtol = DEFAULT_RTOL.get(_model_dtype(model), 1e-4)
+        rtol = _verify.default_rtol(model)
 
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -572,75 +547,32 @@ def export_onnx(
             m.training = flag
 
 
-def _reference_run(report, model, args, kwargs, input_dims, seed):
-    """PyTorch outputs on resized inputs, backing off where the model cannot take them.
-
-    The ONNX graph can declare an axis symbolic that the model still pins (a mel-bin
-    count that only a guard of the captured module enforces): then only the batch is
-    resized, and as a last resort nothing (new values, example shapes). The report
-    notes any back-off, since it means the graph claims more freedom than the model has.
-    """
-    failures = []
-    for level in _verify.RESIZE_LEVELS:
-        v_args, v_kwargs = _verify.make_verify_inputs(args, kwargs, input_dims, seed=seed, resize=level)
-        with torch.no_grad():
-            try:
-                expected = model(*v_args, **v_kwargs)
-            except Exception as exc:  # the model's own shape checks, guards of a captured module
-                failures.append(f"{level}: {_short(exc, 200)}")
-                continue
-        if failures:
-            resized = {"batch": "the batch axis only", "none": "the example's shapes"}[level]
-            report.notes.append(
-                "the PyTorch model does not run with every dynamic axis of the ONNX graph resized "
-                f"({failures[0]}); verified with {resized}"
-            )
-        return v_args, v_kwargs, expected
-    raise ExportError("the PyTorch model failed on every verification input: " + "; ".join(failures))
-
-
 def _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed):
-    start = time.perf_counter()
-    if verify_inputs is None:
-        v_args, v_kwargs, expected = _reference_run(report, model, args, kwargs, input_dims, seed)
-    else:
-        v_args, v_kwargs = _verify.split_inputs(verify_inputs)
-        with torch.no_grad():
-            try:
-                expected = model(*v_args, **v_kwargs)
-            except Exception as exc:
-                raise ExportError(f"the PyTorch model failed on verify_inputs: {_short(exc)}") from exc
-    feeds = _verify.tensor_leaves((v_args, v_kwargs))
-    expected = _verify.tensor_leaves(expected)
-    results = []
-    for provider in runtime.providers:
-        try:
-            results.append(_verify.verify_on_provider(str(staged), provider, feeds, expected))
-        except ExportError:
-            raise
-        except Exception as exc:  # onnxruntime errors (load failure, shape mismatch at run time)
-            raise ExportError(f"onnxruntime ({provider}) could not run the exported model: {_short(exc)}") from exc
+    """:func:`.verify.verify_file` on the staged file, into ``report``; raise when outside tolerance."""
+    result = _verify.verify_file(
+        str(staged),
+        model,
+        args,
+        kwargs,
+        input_dims,
+        runtime,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        verify_inputs=verify_inputs,
+    )
     report.verified = True
-    report.verify_seconds = time.perf_counter() - start
-    report.verify_input_shapes = {n: list(t.shape) for n, t in zip(report.input_names, feeds)}
-    report.providers = list(runtime.providers)
-    report.notes.extend(runtime.notes)
-    report.runtime = f"{runtime.distribution} {runtime.version}"
-    report.provider_results = results
+    report.verify_seconds = result.seconds
+    report.verify_input_shapes = dict(zip(report.input_names, result.input_shapes))
+    report.providers = result.providers
+    report.notes.extend(result.notes)
+    report.runtime = result.runtime
+    report.provider_results = result.results
     report.rtol, report.atol = rtol, atol
-    report.max_abs_diff = max(r.max_abs_diff for r in results)
-    report.max_rel_diff = max(r.max_rel_diff for r in results)
-    if any(math.isnan(r.max_abs_diff) for r in results):
-        report.max_abs_diff = report.max_rel_diff = float("nan")
-    failures = [
-        f"{r.provider} output {d.name!r}: max abs diff {d.max_abs_diff:.3g}, max rel diff {d.max_rel_diff:.3g} "
-        f"(output max {d.torch_max_abs:.3g})"
-        for r in results
-        for d in r.outputs
-        if not (d.max_abs_diff <= atol + rtol * d.torch_max_abs)  # NaN fails too
-    ]
-    if failures:
+    report.max_abs_diff = result.max_abs_diff
+    report.max_rel_diff = result.max_rel_diff
+    if not result.ok:
         raise VerificationError(
             f"ONNX output differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}) on inputs "
-            f"{report.verify_input_shapes}: " + "; ".join(failures) + ". No file was written"
+            f"{report.verify_input_shapes}: " + "; ".join(result.failures) + ". No file was written"
         )

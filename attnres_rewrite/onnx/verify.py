@@ -9,11 +9,23 @@ contains, floats with its mean and spread), and compares every output.
 
 Relative difference: per output, ``max|onnx - torch| / max|torch|``. An element-wise
 ratio is meaningless near zero, and a model output's scale is what a 1e-4 tolerance
-is meant to be relative to.
+is meant to be relative to. The pass criterion (:func:`within_tolerance`) is per
+output: ``max|onnx - torch| <= atol + rtol * max|torch|``.
+
+:func:`verify_file` is the one check: ``export_onnx`` runs it on the file it is about
+to write, ``attnres verify --onnx`` on a file written earlier, so both draw the same
+inputs (same seed, same fallback levels) and apply the same criterion.
+
+Why not ``attnres_rewrite.api.fresh_inputs``: that one compares two PyTorch models
+and has no graph to consult, so it guesses the sequence axis from tensor ranks and
+invents values (masks of ones, ids below the example's maximum). Here the ONNX graph
+says which axes are dynamic and which are tied together, and values are resampled
+from the example; expressing either through the other would lose one of the two.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +35,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError
-from .runtime import open_session
+from .runtime import Runtime, open_session
+
+#: Relative tolerance of verification by dtype of the model's floating parameters.
+DEFAULT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+DEFAULT_ATOL = 1e-6
 
 
 @dataclass
@@ -45,6 +61,86 @@ class ProviderResult:
     max_abs_diff: float
     max_rel_diff: float
     outputs: list[OutputDiff] = field(default_factory=list)
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_file` measured: per provider and output, against ``rtol``/``atol``.
+
+    ``input_shapes`` are the shapes fed to the ONNX graph, in its input order;
+    ``notes`` say where the inputs backed off from resizing every dynamic axis and
+    which advertised providers could not be used.
+    """
+
+    rtol: float
+    atol: float
+    runtime: str
+    providers: list[str]
+    input_shapes: list[list[int]]
+    results: list[ProviderResult]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Worst output on the worst provider; NaN when any output has NaN on one side only."""
+        if any(np.isnan(r.max_abs_diff) for r in self.results):
+            return float("nan")
+        return max((r.max_abs_diff for r in self.results), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        if any(np.isnan(r.max_abs_diff) for r in self.results):
+            return float("nan")
+        return max((r.max_rel_diff for r in self.results), default=0.0)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per output outside tolerance, with its numbers."""
+        return [
+            f"{r.provider} output {d.name!r}: max abs diff {d.max_abs_diff:.3g}, max rel diff {d.max_rel_diff:.3g} "
+            f"(output max {d.torch_max_abs:.3g})"
+            for r in self.results
+            for d in r.outputs
+            if not within_tolerance(d.max_abs_diff, d.torch_max_abs, rtol=self.rtol, atol=self.atol)
+        ]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def within_tolerance(max_abs: float, scale: float, *, rtol: float, atol: float) -> bool:
+    """The pass criterion of every ONNX check: ``max|onnx - torch| <= atol + rtol * max|torch|``.
+
+    Applied per output (``scale`` is that output's largest finite magnitude); NaN fails.
+    """
+    return bool(max_abs <= atol + rtol * scale)
+
+
+def default_rtol(model: torch.nn.Module) -> float:
+    """:data:`DEFAULT_RTOL` for the dtype of the model's first floating parameter (fp32 without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return DEFAULT_RTOL.get(p.dtype, DEFAULT_RTOL[torch.float32])
+    return DEFAULT_RTOL[torch.float32]
+
+
+def short_error(exc: BaseException, limit: int = 600) -> str:
+    """The root cause of an exporter error (its messages run to pages).
+
+    Follows explicit causes (``raise ... from``) down to the innermost one, which is
+    where torch puts the actual reason; implicit contexts are mostly noise.
+    """
+    seen = set()
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    text = str(exc).strip()
+    for marker in ("\n\nFor more information", "\n\nThe error above"):
+        text = text.split(marker)[0]
+    msg = f"{type(exc).__name__}: {text}"
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -143,6 +239,7 @@ def make_verify_inputs(
     """New ``(args, kwargs)`` with the symbolic ONNX axes resized (see module doc).
 
     ``resize`` is one of :data:`RESIZE_LEVELS`; values are resampled at every level.
+    Graph-driven, unlike ``api.fresh_inputs`` (the module doc says why both exist).
     """
     examples = tensor_leaves((args, kwargs))
     if len(examples) != len(input_dims):
@@ -221,3 +318,92 @@ def verify_on_provider(
     if any(np.isnan(d.max_abs_diff) for d in diffs):
         max_abs = max_rel = float("nan")
     return ProviderResult(provider, max_abs, max_rel, diffs)
+
+
+def reference_run(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    input_dims: Sequence[Sequence[int | str | None]],
+    seed: int = 0,
+) -> tuple[tuple[Any, ...], dict[str, Any], Any, list[str]]:
+    """PyTorch outputs on resized inputs, backing off where the model cannot take them.
+
+    The ONNX graph can declare an axis symbolic that the model still pins (a mel-bin
+    count that only a guard of the captured module enforces): then only the batch is
+    resized, and as a last resort nothing (new values, example shapes). Returns
+    ``(args, kwargs, outputs, notes)``; a note records any back-off, since it means the
+    graph claims more freedom than the model has.
+    """
+    failures = []
+    for level in RESIZE_LEVELS:
+        v_args, v_kwargs = make_verify_inputs(args, kwargs, input_dims, seed=seed, resize=level)
+        with torch.no_grad():
+            try:
+                expected = model(*v_args, **v_kwargs)
+            except Exception as exc:  # the model's own shape checks, guards of a captured module
+                failures.append(f"{level}: {short_error(exc, 200)}")
+                continue
+        notes = []
+        if failures:
+            resized = {"batch": "the batch axis only", "none": "the example's shapes"}[level]
+            notes.append(
+                "the PyTorch model does not run with every dynamic axis of the ONNX graph resized "
+                f"({failures[0]}); verified with {resized}"
+            )
+        return v_args, v_kwargs, expected, notes
+    raise ExportError("the PyTorch model failed on every verification input: " + "; ".join(failures))
+
+
+def verify_file(
+    path: str,
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    input_dims: Sequence[Sequence[int | str | None]],
+    runtime: Runtime,
+    *,
+    rtol: float,
+    atol: float,
+    seed: int = 0,
+    verify_inputs: Any = None,
+) -> Verification:
+    """Run the ONNX file at ``path`` on every provider of ``runtime`` and compare with ``model``.
+
+    Inputs: ``verify_inputs`` when given, else drawn from the example ``(args, kwargs)``
+    with the graph's symbolic axes (``input_dims``) resized, backing off as
+    :func:`reference_run` describes. ``model`` runs as it is (callers put it in eval
+    mode). Raises :class:`ExportError` when PyTorch or onnxruntime cannot run the
+    inputs; numbers outside tolerance are not raised but listed in ``failures``.
+    """
+    start = time.perf_counter()
+    notes: list[str] = []
+    if verify_inputs is None:
+        v_args, v_kwargs, expected, notes = reference_run(model, args, kwargs, input_dims, seed)
+    else:
+        v_args, v_kwargs = split_inputs(verify_inputs)
+        with torch.no_grad():
+            try:
+                expected = model(*v_args, **v_kwargs)
+            except Exception as exc:
+                raise ExportError(f"the PyTorch model failed on verify_inputs: {short_error(exc)}") from exc
+    feeds = tensor_leaves((v_args, v_kwargs))
+    expected = tensor_leaves(expected)
+    results = []
+    for provider in runtime.providers:
+        try:
+            results.append(verify_on_provider(path, provider, feeds, expected))
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxruntime errors (load failure, shape mismatch at run time)
+            raise ExportError(f"onnxruntime ({provider}) could not run the exported model: {short_error(exc)}") from exc
+    return Verification(
+        rtol=rtol,
+        atol=atol,
+        runtime=f"{runtime.distribution} {runtime.version}",
+        providers=list(runtime.providers),
+        input_shapes=[list(t.shape) for t in feeds],
+        results=results,
+        notes=notes + list(runtime.notes),
+        seconds=time.perf_counter() - start,
+    )
