@@ -93,16 +93,52 @@ def test_verify_without_report_takes_the_tolerance_from_the_adapters_mode(tmp_pa
 def test_verify_onnx_checks_the_exported_file(adapter, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx_file = tmp_path / "gpt2.onnx"
-    ok_json(
-        invoke("export", "samples:gpt2", "--adapter", str(adapter[0]), "-o", str(onnx_file), "--no-verify", "--json")
+    exported = ok_json(
+        invoke("export", "samples:gpt2", "--adapter", str(adapter[0]), "-o", str(onnx_file), "--seed", "2", "--json")
     )
-    payload = ok_json(
-        invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(onnx_file), "--json")
-    )
+    verify = ["verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(onnx_file), "--seed", "2", "--json"]
+    payload = ok_json(invoke(*verify))
     assert payload["ok"] is True
     (check,) = [c for c in payload["checks"] if c["check"] == "onnx"]
-    assert check["ok"] and check["providers"]
-    assert check["max_rel_diff"] <= check["rtol"]
+    assert check["ok"] and check["providers"] == exported["providers"]
+    # export's own check: same inputs, same figures, same default tolerances
+    assert check["input_shapes"] == list(exported["verify_input_shapes"].values())
+    assert (check["max_abs_diff"], check["max_rel_diff"]) == (exported["max_abs_diff"], exported["max_rel_diff"])
+    assert (check["atol"], check["rtol"]) == (exported["atol"], exported["rtol"])
+    max_abs, max_rel = check["max_abs_diff"], check["max_rel_diff"]
+    if max_abs > 0:
+        # neither figure alone is within these tolerances; atol + rtol * max|torch| is, per output (as in export)
+        result = invoke(*verify, "--atol", repr(0.6 * max_abs), "--rtol", repr(0.6 * max_rel))
+        assert result.exit_code in (0, 1), result.stderr  # 1 when the adapter check fails these tight tolerances
+        (check,) = [c for c in json.loads(result.stdout)["checks"] if c["check"] == "onnx"]
+        assert check["ok"] and check["failures"] == []
+        result = invoke(*verify, "--atol", repr(0.5 * max_abs), "--rtol", "0")
+        assert result.exit_code == 1
+        (check,) = [c for c in json.loads(result.stdout)["checks"] if c["check"] == "onnx"]
+        assert not check["ok"] and check["failures"]
+        assert "onnx: CPUExecutionProvider output" in result.stderr
+
+
+def test_verify_onnx_refuses_a_foreign_or_broken_file(adapter, tmp_path):
+    """A file that is not ONNX, or an ONNX model with other inputs, is a user error (2), not a failed check."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x00not protobuf")
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(foreign))
+    for path, message in ((broken, "is not an ONNX model"), (foreign, "exported from another model?")):
+        result = invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(path))
+        assert result.exit_code == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_json_with_training_step_and_a_failing_compile(adapter, monkeypatch):

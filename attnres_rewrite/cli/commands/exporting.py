@@ -36,7 +36,8 @@ def run(
     converted = common.converted_model(resolved, adapter, options)
     onnx = common.backend("onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify}
+    # --seed also seeds the verification inputs, as in `attnres verify --onnx`
+    kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify, "seed": seed}
     if opset is not None:
         kwargs["opset"] = opset
     with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")) as update:
