@@ -114,6 +114,21 @@ def test_verify_needs_an_adapter_directory(tmp_path):
     assert_user_error(invoke("verify", "samples:llama", "--adapter", str(tmp_path)), "is not an attnres adapter")
 
 
+def test_adapter_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    from attnres_rewrite.cli import common
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("MODEL was loaded before --adapter was checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    missing = str(tmp_path / "none")
+    for command in (["verify"], ["export", "-o", str(tmp_path / "m.onnx")], ["bench", "--no-compile"]):
+        result = invoke(command[0], "samples:llama", *command[1:], "--adapter", missing)
+        assert_user_error(result, "no adapter directory")
+    result = invoke("bench", "samples:llama", "--adapter", str(tmp_path), "--blocks", "2")
+    assert_user_error(result, "--adapter carries its own conversion settings")
+
+
 def test_config_file_unknown_option_is_a_usage_error(tmp_path):
     cfg = tmp_path / "attnres.toml"
     cfg.write_text("[convert]\nblokcs = 4\n")

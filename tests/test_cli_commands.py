@@ -81,6 +81,14 @@ def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
         assert "FAILED" in result.stdout
 
 
+def test_verify_checks_the_adapter_directory_once(adapter, monkeypatch):
+    calls = []
+    real = common.check_adapter_dir
+    monkeypatch.setattr(common, "check_adapter_dir", lambda directory: calls.append(directory) or real(directory))
+    ok_json(invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--json"))
+    assert calls == [adapter[0]]
+
+
 def test_verify_without_report_takes_the_tolerance_from_the_adapters_mode(tmp_path):
     out = tmp_path / "exact"
     ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--mode", "exact", "--json"))

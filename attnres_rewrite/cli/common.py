@@ -90,7 +90,11 @@ def convert(resolved: ResolvedModel, options: ConversionOptions) -> nn.Module:
 
 
 def check_adapter_dir(directory: Path) -> None:
-    """Reject a path that is not an adapter before the API reads it, with the fix in the message."""
+    """Reject a path that is not an adapter before the API reads it, with the fix in the message.
+
+    Commands call it once, first thing (before the slow model load); :func:`load_adapter`
+    does not repeat it.
+    """
     if not directory.is_dir():
         raise AdapterError(f"no adapter directory {str(directory)!r}; create one with `attnres convert MODEL -o DIR`.")
     missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
@@ -102,7 +106,7 @@ def check_adapter_dir(directory: Path) -> None:
 
 
 def load_adapter(resolved: ResolvedModel, directory: Path) -> nn.Module:
-    check_adapter_dir(directory)
+    """Apply the adapter in ``directory`` (already accepted by :func:`check_adapter_dir`)."""
     api = backend("api")
     with output.step(f"Applying adapter {directory}"):
         try:
@@ -113,13 +117,20 @@ def load_adapter(resolved: ResolvedModel, directory: Path) -> nn.Module:
             raise AdapterError(f"cannot load adapter {directory}: {type(exc).__name__}: {exc}") from exc
 
 
+def check_adapter_or_options(adapter: Path | None, options: ConversionOptions) -> None:
+    """Before any slow step: ``--adapter`` excludes the conversion flags and must name an adapter."""
+    if adapter is None:
+        return
+    if options.given:
+        raise InvalidInputError(
+            "--adapter carries its own conversion settings; drop --blocks/--block-size/--full/--mode/--eps."
+        )
+    check_adapter_dir(adapter)
+
+
 def converted_model(resolved: ResolvedModel, adapter: Path | None, options: ConversionOptions) -> nn.Module:
-    """Apply ``--adapter`` or convert on the fly; passing both is a usage error."""
+    """Apply ``--adapter`` or convert on the fly (after :func:`check_adapter_or_options`)."""
     if adapter is not None:
-        if options.given:
-            raise InvalidInputError(
-                "--adapter carries its own conversion settings; drop --blocks/--block-size/--full/--mode/--eps."
-            )
         return load_adapter(resolved, adapter)
     return convert(resolved, options)
 

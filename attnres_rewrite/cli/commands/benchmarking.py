@@ -88,6 +88,7 @@ def run(
     as_json: bool,
 ) -> None:
     dev = common.device_of(device)
+    common.check_adapter_or_options(adapter, options)
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     # convert on the target device: the trace may bake device-specific constants into the graph
     resolved.model.to(dev)

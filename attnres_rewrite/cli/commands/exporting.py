@@ -30,6 +30,7 @@ def run(
     as_json: bool,
 ) -> None:
     common.ensure_output_free(out, force=force, kind="file")
+    common.check_adapter_or_options(adapter, options)
     if out.suffix != ".onnx":
         output.note(f"{out} does not end in .onnx; writing ONNX anyway")
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
