@@ -160,8 +160,17 @@ def test_bench_json_with_training_step_and_a_failing_compile(adapter, monkeypatc
         return model
 
     monkeypatch.setattr(benchmarking, "_compile", fake_compile)
+    modes = []
+    real_train_step = benchmarking._train_step
+    monkeypatch.setattr(
+        benchmarking,
+        "_train_step",
+        lambda model, inputs: modes.append(model.training) or real_train_step(model, inputs),
+    )
     args = ["bench", "samples:gpt2", "--adapter", str(adapter[0]), "--iters", "1", "--warmup", "0", "--train"]
     payload = ok_json(invoke(*args, "--json"))
+    # the converted graph was traced in eval mode: the original's training step must not run dropout
+    assert payload["module_mode"] == "eval" and modes == [False, False, False]  # eager x2, compiled original
     rows = {(r["model"], r["phase"], r["mode"]): r for r in payload["results"]}
     assert set(rows) == {
         (m, p, c) for m in ("original", "converted") for p in ("forward", "train") for c in ("eager", "compiled")

@@ -198,7 +198,10 @@ def bench(
     ctx: typer.Context,
     model: o.ModelArg,
     adapter: o.Adapter = None,
-    train: Annotated[bool, typer.Option("--train", help="Also time a training step (forward, backward, SGD).")] = False,
+    train: Annotated[
+        bool,
+        typer.Option("--train", help="Also time a training step (forward, backward, SGD), both models in eval mode."),
+    ] = False,
     compiled: Annotated[
         bool,
         typer.Option(

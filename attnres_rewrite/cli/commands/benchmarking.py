@@ -6,6 +6,11 @@ the available device, median over ``--iters`` after ``--warmup`` untimed runs. T
 original compiles with Inductor, the converted model with the ``attnres`` backend; a
 compile that fails is reported in its row instead of aborting the other measurements.
 Defaults are small so a bench on CPU finishes in seconds (compiling dominates).
+
+Both models run in eval mode in every phase, the training step included: the converted
+graph was traced in eval mode and keeps that behaviour (no dropout, batch-norm running
+statistics) whatever ``.train()`` says, so a train-mode original would be timed doing
+different, costlier work. The output says so (``module_mode``, and a note with ``--train``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 from torch import nn
 
 from .. import common, output
+
+#: ``.training`` of both models in every timed phase (see the module doc).
+MODULE_MODE = "eval"
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +109,7 @@ def run(
         for how in ["eager"] + (["compiled"] if compiled else []):
             for name, base in models.items():
                 model = base if phase == "forward" else common.copy_for_training(base)
-                model.train(phase == "train")
+                model.eval()  # also for "train": the converted graph was traced in eval mode (module doc)
                 row: dict[str, Any] = {"model": name, "phase": phase, "mode": how}
                 with output.step(f"Timing {phase} {how} {name}"):
                     try:
@@ -119,6 +127,7 @@ def run(
         "device": str(dev),
         "iters": iters,
         "warmup": warmup,
+        "module_mode": MODULE_MODE,
         "params_original": common.count_params(resolved.model),
         "params_converted": common.count_params(converted),
         "results": rows,
@@ -141,6 +150,11 @@ def run(
             for phase, how in dict.fromkeys((r["phase"], r["mode"]) for r in rows)
         ],
     )
+    if train:
+        output.note(
+            "training steps timed with both models in eval mode (no dropout, frozen norm statistics): "
+            "the converted graph was traced in eval mode and cannot switch to train behaviour."
+        )
     for row in rows:
         if "error" in row:
             output.note(f"{row['phase']} {row['mode']} {row['model']} failed: {row['error']}")
