@@ -55,6 +55,13 @@ def test_convert_writes_adapter_and_report(adapter):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
+def test_inspect_previews_the_partition_convert_writes(adapter):
+    """inspect --blocks shows passes.plan.resolve_partition's split, the one convert used."""
+    inspected = ok_json(invoke("inspect", "samples:gpt2", "--blocks", "2", "--json"))
+    previews = {s["name"]: s["blocks"] for s in inspected["streams"] if s["convertible"]}
+    assert previews == {s["name"]: s["blocks"] for s in adapter[1]["streams"]}
+
+
 def test_corrupted_adapter_is_a_user_error(adapter, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(adapter[0], broken)
