@@ -23,6 +23,7 @@ _LAZY = {
     "ConversionPlan": "passes.plan",
     "export_onnx": "onnx",
     "compile": "backend",
+    "attach_weights": "weights",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -119,8 +119,13 @@ def _match(plan, detection) -> None:
             raise AdapterError(f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)")
 
 
-def load_adapter(model: nn.Module, example_inputs: Any, directory: str | os.PathLike) -> nn.Module:
-    """Convert a freshly built ``model`` as the adapter in ``directory`` says, and load its AttnRes weights."""
+def load_adapter(
+    model: nn.Module, example_inputs: Any, directory: str | os.PathLike, *, trace_depth: str = "auto"
+) -> nn.Module:
+    """Convert a freshly built ``model`` as the adapter in ``directory`` says, and load its AttnRes weights.
+
+    ``trace_depth`` as in :func:`attnres_rewrite.convert`.
+    """
     from .api import apply_plan
     from .passes.capture import capture
     from .passes.detect import detect
@@ -129,7 +134,7 @@ def load_adapter(model: nn.Module, example_inputs: Any, directory: str | os.Path
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {directory} does not exist")
     plan, weights = _read(directory)
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, trace_depth=trace_depth)
     detection = detect(captured.module, model)
     _match(plan, detection)
     try:

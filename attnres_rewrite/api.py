@@ -93,9 +93,12 @@ class InspectReport:
         return asdict(self)
 
 
-def inspect(model: nn.Module, example_inputs: Any) -> InspectReport:
-    """Trace ``model`` on ``example_inputs`` and report its residual streams (nothing is changed)."""
-    return inspect_captured(capture(model, example_inputs))
+def inspect(model: nn.Module, example_inputs: Any, *, trace_depth: str = "auto") -> InspectReport:
+    """Trace ``model`` on ``example_inputs`` and report its residual streams (nothing is changed).
+
+    ``trace_depth`` as in :func:`convert`.
+    """
+    return inspect_captured(capture(model, example_inputs, trace_depth=trace_depth))
 
 
 def inspect_captured(captured: Captured) -> InspectReport:
@@ -159,6 +162,7 @@ def convert(
     full: bool = False,
     mode: str = "paper",
     eps: float | None = None,
+    trace_depth: str = "auto",
 ) -> nn.Module:
     """Rewrite every convertible residual stream of ``model`` into Block AttnRes.
 
@@ -172,9 +176,15 @@ def convert(
     the plan as ``.attnres_plan``. The graph was captured in the model's current
     train/eval mode; dropout is baked in as traced. Parameters are shared with
     ``model`` (no copy), so a meta-device model converts without allocating weights.
+
+    ``trace_depth``: ``"full"`` traces every layer; ``"sampled"`` traces the first,
+    second and last layer of each stack of identical layers and replicates the second
+    (seconds instead of a minute for a 7B model; falls back to a full trace, with a
+    note in the plan, when the model reads the stack's length or its layers differ);
+    ``"auto"`` (default) samples when the weights are on the ``meta`` device.
     """
     _check_options(num_blocks, block_size, full, mode, eps)
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, trace_depth=trace_depth)
     return convert_captured(captured, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
 
 

@@ -3,10 +3,13 @@
 Writes JSON (default ``benchmarks/results/convert.json``):
 
 * ``sweep``: a PreNorm toy stream (norm -> Linear -> GELU -> Linear per sublayer) with
-  8, 32 and 200 sublayers (``--full``: also 64 and 128), built on ``meta``: seconds spent in ``torch.export`` (trace), detection, planning +
-  rewrite, and graph sizes;
+  8, 32 and 200 sublayers (``--full``: also 64 and 128), built on ``meta``: seconds
+  spent tracing (``torch.export``) with every layer traced (``trace_full_s``) and with
+  the depth-sampled trace (``trace_sampled_s``: three layers traced, the rest
+  replicated; the default on meta), detection, planning + rewrite, and graph sizes;
 * ``meta_shapes`` (``--full``): Hugging Face Llama configs with the 7B and 70B shapes
-  built on the ``meta`` device (no weights allocated), same phases;
+  built on the ``meta`` device (no weights allocated), same phases, plus
+  ``convert_s``: the whole ``attnres_rewrite.convert`` call as a user runs it;
 * ``forward``: eager CPU forward time of the original model, of its exported (unconverted)
   graph module, and of the converted model (Llama sample, ``paper`` mode, default 8
   blocks), median over repeats, one thread.
@@ -36,44 +39,57 @@ from attnres_rewrite.passes.rewrite import rewrite
 RESULTS = Path(__file__).resolve().parent / "results" / "convert.json"
 
 
+class Sublayer(nn.Module):
+    """``x + f(norm(x))`` with an MLP ``f``: one PreNorm sublayer."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.f = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        return x + self.f(self.norm(x))
+
+
 class ToyStream(nn.Module):
     """``L`` PreNorm MLP sublayers on a width-``d`` stream (cheap to trace, realistic op mix)."""
 
     def __init__(self, sublayers: int, dim: int = 64) -> None:
         super().__init__()
         self.embed = nn.Embedding(100, dim)
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(sublayers))
-        self.fs = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(sublayers)
-        )
+        self.layers = nn.ModuleList(Sublayer(dim) for _ in range(sublayers))
         self.final = nn.LayerNorm(dim)
 
     def forward(self, ids):
         x = self.embed(ids)
-        for n, f in zip(self.norms, self.fs):
-            x = x + f(n(x))
+        for layer in self.layers:
+            x = layer(x)
         return self.final(x)
 
 
 def phases(model: nn.Module, inputs) -> dict:
     """Time each conversion phase once (tracing dominates and is deterministic enough)."""
     t0 = time.perf_counter()
-    captured = capture(model, inputs)
+    full = capture(model, inputs, trace_depth="full")
     t1 = time.perf_counter()
-    detection = detect(captured.module, model)
+    captured = capture(model, inputs, trace_depth="sampled")
     t2 = time.perf_counter()
+    detection = detect(captured.module, model)
+    t3 = time.perf_counter()
     plan = build_plan(detection)
     rewrite(captured.module, detection, plan)
-    t3 = time.perf_counter()
+    t4 = time.perf_counter()
     stream = plan.streams[0]
     return {
         "sublayers": stream.num_sublayers,
         "dim": stream.dim,
         "blocks": stream.num_blocks,
-        "graph_nodes": len(captured.program.graph.nodes),
-        "trace_s": round(t1 - t0, 3),
-        "detect_s": round(t2 - t1, 4),
-        "rewrite_s": round(t3 - t2, 4),
+        "graph_nodes": len(full.module.graph.nodes),
+        "sampled": bool(captured.sampled),
+        "trace_full_s": round(t1 - t0, 3),
+        "trace_sampled_s": round(t2 - t1, 3),
+        "detect_s": round(t3 - t2, 4),
+        "rewrite_s": round(t4 - t3, 4),
     }
 
 
@@ -90,6 +106,8 @@ def sweep(sizes: list[int]) -> list[dict]:
 
 def meta_shapes() -> list[dict]:
     import transformers
+
+    import attnres_rewrite as ar
 
     shapes = {
         "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "heads": 32, "kv": 32},
@@ -108,7 +126,11 @@ def meta_shapes() -> list[dict]:
         )
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(cfg).eval()
-        row = {"model": name, **phases(model, {"input_ids": torch.zeros(2, 8, dtype=torch.long)})}
+        inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+        row = {"model": name, **phases(model, inputs)}
+        t = time.perf_counter()
+        ar.convert(model, inputs)
+        row["convert_s"] = round(time.perf_counter() - t, 3)
         row["parameters_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
         print(f"meta {row}", flush=True)
         out.append(row)
