@@ -62,6 +62,20 @@ def test_inspect_previews_the_partition_convert_writes(adapter):
     assert previews == {s["name"]: s["blocks"] for s in adapter[1]["streams"]}
 
 
+def test_convert_with_a_sampled_trace_says_so_and_matches_the_full_conversion(adapter, tmp_path):
+    payload = ok_json(
+        invoke(
+            "convert", "samples:gpt2", "-o", str(tmp_path / "s"), "--blocks", "2", "--trace-depth", "sampled", "--json"
+        )
+    )
+    assert any(n.startswith("sampled trace: traced layers 0, 1 and the last of h (4 layers)") for n in payload["notes"])
+    assert not any("sampled" in n for n in adapter[1]["notes"])  # real weights: traced in full by default
+    assert payload["streams"] == adapter[1]["streams"] and payload["params_added"] == adapter[1]["params_added"]
+    assert payload["max_rel_diff"] < 1e-3
+    bad = invoke("inspect", "samples:gpt2", "--trace-depth", "half")
+    assert bad.exit_code == 2 and "half" in bad.stderr
+
+
 def test_corrupted_adapter_is_a_user_error(adapter, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(adapter[0], broken)

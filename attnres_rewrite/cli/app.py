@@ -72,6 +72,7 @@ def inspect(
     blocks: o.Blocks = None,
     block_size: o.BlockSize = None,
     full: o.Full = False,
+    trace_depth: o.TraceDepthOpt = o.TraceDepth.auto,
     batch: o.Batch = None,
     seq_len: o.SeqLen = None,
     seed: o.Seed = 0,
@@ -82,7 +83,15 @@ def inspect(
     from .commands import inspecting
 
     inspecting.run(
-        model, blocks=blocks, block_size=block_size, full=full, batch=batch, seq_len=seq_len, seed=seed, as_json=json
+        model,
+        blocks=blocks,
+        block_size=block_size,
+        full=full,
+        trace_depth=trace_depth.value,
+        batch=batch,
+        seq_len=seq_len,
+        seed=seed,
+        as_json=json,
     )
 
 
@@ -99,6 +108,7 @@ def convert(
     full: o.Full = False,
     mode: o.ModeOpt = o.Mode.paper,
     eps: o.Eps = None,
+    trace_depth: o.TraceDepthOpt = o.TraceDepth.auto,
     force: o.Force = False,
     batch: o.Batch = None,
     seq_len: o.SeqLen = None,
@@ -110,7 +120,7 @@ def convert(
     from .commands import converting
     from .common import ConversionOptions
 
-    options = ConversionOptions(blocks, block_size, full, mode.value, eps)
+    options = ConversionOptions(blocks, block_size, full, mode.value, eps, trace_depth.value)
     converting.run(model, output, options, force=force, batch=batch, seq_len=seq_len, seed=seed, as_json=json)
 
 

@@ -44,6 +44,7 @@ class ConversionOptions:
     full: bool = False
     mode: str = "paper"
     eps: float | None = None
+    trace_depth: str = "auto"  # how the model is traced, not a conversion setting: allowed with --adapter
 
     def __post_init__(self) -> None:
         chosen = [
@@ -68,6 +69,7 @@ class ConversionOptions:
             "full": self.full,
             "mode": self.mode,
             "eps": self.eps,
+            "trace_depth": self.trace_depth,
         }
 
 

@@ -16,6 +16,14 @@ class Mode(str, Enum):
     exact = "exact"
 
 
+class TraceDepth(str, Enum):
+    """How many layers of a repeated stack ``torch.export`` traces (see docs/architecture.md)."""
+
+    auto = "auto"
+    full = "full"
+    sampled = "sampled"
+
+
 MODEL_HELP = (
     "samples:NAME (llama, gpt2, parallel, vit, bert, resnet), a local Hugging Face model directory "
     "(config.json [+ *.safetensors]), or package.module:factory."
@@ -65,6 +73,16 @@ ModeOpt = Annotated[
 Eps = Annotated[
     float | None,
     typer.Option(help="Key RMSNorm eps (default: the model's, else 1e-6).", rich_help_panel=CONVERSION),
+]
+TraceDepthOpt = Annotated[
+    TraceDepth,
+    typer.Option(
+        "--trace-depth",
+        help="full: trace every layer; sampled: trace layers 0, 1 and the last of each stack of identical layers "
+        "and replicate (much faster on deep models; falls back to full with a note); auto: sampled only for "
+        "weights on the meta device.",
+        rich_help_panel=CONVERSION,
+    ),
 ]
 Adapter = Annotated[
     Path | None,

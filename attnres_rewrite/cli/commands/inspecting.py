@@ -17,6 +17,7 @@ def run(
     blocks: int | None,
     block_size: int | None,
     full: bool,
+    trace_depth: str = "auto",
     batch: int | None,
     seq_len: int | None,
     seed: int,
@@ -26,7 +27,7 @@ def run(
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     api = common.backend("api")
     with output.step("Tracing and detecting residual streams"):
-        report = api.inspect(resolved.model, resolved.example_inputs)
+        report = api.inspect(resolved.model, resolved.example_inputs, trace_depth=trace_depth)
     payload: dict[str, Any] = {"model": spec, **report.to_dict()}
     if blocks or block_size or full:  # preview another partition than convert's default
         from attnres_rewrite.passes.plan import resolve_partition
