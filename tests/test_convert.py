@@ -363,3 +363,37 @@ def test_meta_model_gets_real_weights_by_name():
     ids = _ids(3, 6)
     with torch.no_grad():
         torch.testing.assert_close(converted(ids), real(ids), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# size-1 example axes
+
+
+def test_batch_one_sequence_one_example_gives_a_dynamic_graph():
+    """torch.export fixes size-1 axes; capture traces them at size 2 so other sizes still work."""
+    torch.manual_seed(0)
+    model = ToyPreNorm(layers=2).eval()
+    converted = ar.convert(model, (_ids(1, 1),), mode="exact")
+    (note,) = [n for n in converted.attnres_plan.notes if "size 1 on" in n]
+    assert "argument 0 axis 0, argument 0 axis 1" in note
+    with torch.no_grad():
+        for shape in [(1, 1), (3, 1), (1, 6), (4, 9)]:
+            ids = _ids(*shape)
+            torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+class OneTokenAtATime(ToyPreNorm):
+    def forward(self, ids):
+        if ids.shape[1] != 1:
+            raise ValueError("one token at a time")
+        return super().forward(ids)
+
+
+def test_model_that_needs_size_one_is_traced_at_the_example_shape():
+    torch.manual_seed(0)
+    model = OneTokenAtATime(layers=2).eval()
+    converted = ar.convert(model, (_ids(1, 1),), mode="exact")
+    assert any(n.startswith("dynamic batch/sequence trace failed (ValueError") for n in converted.attnres_plan.notes)
+    ids = _ids(1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-5)

@@ -170,12 +170,20 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, notes: li
     """``torch.export`` with dynamic axes, then static ones; returns ``(program, dynamic)``."""
     first_error: BaseException | None = None
     if dynamic:
+        wide_args, wide_kwargs, widened = widen_unit_axes(args, kwargs)
         try:
-            return _export(model, args, kwargs, dynamic_shapes_for(model, args, kwargs)), True
+            program = _export(model, wide_args, wide_kwargs, dynamic_shapes_for(model, wide_args, wide_kwargs))
         except (InvalidInputError, NotSampleable):
             raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             first_error = exc
+        else:
+            if widened:
+                notes.append(
+                    f"the example has size 1 on {', '.join(widened)}, which torch.export would fix to 1; traced with "
+                    "those axes repeated to size 2 so the converted model accepts any size there"
+                )
+            return program, True
     try:
         program = _export(model, args, kwargs, None)
     except Exception as exc:  # noqa: BLE001
@@ -186,6 +194,31 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, notes: li
             "the converted model only accepts the example's shapes"
         )
     return program, False
+
+
+def widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
+    """The example with every size-1 dynamic axis repeated to size 2, and the axes widened.
+
+    ``torch.export`` specialises a size-1 (or 0) axis to that constant even under
+    ``Dim.AUTO``, so a batch-1 example would give a graph that only takes batch 1.
+    Repeating the slice keeps the values valid inputs (token ids, masks, features).
+    """
+    widened: list[str] = []
+
+    def widen(label: str, tree: Any) -> Any:
+        def one(path, t: Any) -> Any:
+            dims = _leaf_dims(t)
+            for axis in dims or ():
+                if t.shape[axis] == 1:
+                    t = torch.cat([t, t], dim=axis)
+                    widened.append(f"{label}{pytree.keystr(path)} axis {axis}")
+            return t
+
+        return pytree.tree_map_with_path(one, tree)
+
+    wide_args = tuple(widen(f"argument {i}", a) for i, a in enumerate(args))
+    wide_kwargs = {k: widen(k, v) for k, v in kwargs.items()}
+    return wide_args, wide_kwargs, widened
 
 
 def _capture_sampled(
