@@ -72,8 +72,14 @@ INTERPRET_MAX_BT = 256
 # ``tl.sum`` is itself a @jit function; under TRITON_INTERPRET=1 every nested jit call
 # re-patches triton.language (~10 ms), which made the interpreted tests ~3x slower.
 # ``tl.reduce`` with the standard sum combiner compiles to exactly what ``tl.sum`` does
-# for fp32 inputs, and the interpreter maps it straight to ``np.sum``.
-_sum_combine = tl.standard._sum_combine
+# for fp32 inputs, and the interpreter maps it straight to ``np.sum``. It is a private
+# name (present in Triton 3.x); a Triton without it gets an equivalent public combiner.
+_sum_combine = getattr(tl.standard, "_sum_combine", None)
+if _sum_combine is None:  # pragma: no cover - depends on the installed Triton
+
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
 
 
 def _interpret() -> bool:
