@@ -180,7 +180,7 @@ def convert(
     ``trace_depth``: ``"full"`` traces every layer; ``"sampled"`` traces the first,
     second and last layer of each stack of identical layers and replicates the second
     (seconds instead of a minute for a 7B model; falls back to a full trace, with a
-    note in the plan, when the model reads the stack's length or its layers differ);
+    note in the plan, when the layers or the way the model calls them differ);
     ``"auto"`` (default) samples when the weights are on the ``meta`` device.
     """
     _check_options(num_blocks, block_size, full, mode, eps)

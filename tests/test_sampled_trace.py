@@ -101,7 +101,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         y = self.ff(self.norm(x))
-        if self.layer_idx == self.special:
+        if self.special >= 0 and self.layer_idx == self.special:
             y = 2 * y
         return x + y
 
@@ -113,7 +113,7 @@ class Toy(nn.Module):
         super().__init__()
         self.style = style
         self.embed = nn.Embedding(50, d)
-        special = layers - 1 if style == "last_differs" else -1
+        special = layers - 2 if style == "index_branch" else -1
         blocks = [Block(d, i, special) for i in range(layers)]
         self.layers = nn.Sequential(*blocks) if container is nn.Sequential else nn.ModuleList(blocks)
         self.head = nn.Linear(d, 5)
@@ -126,15 +126,25 @@ class Toy(nn.Module):
             for i in range(len(self.layers)):
                 x = self.layers[i](x)
         elif self.style == "scaled_by_depth":
+            count = 0
             for layer in self.layers:
                 x = layer(x)
-            x = x / len(self.layers)
+                count += 1
+            x = x / count
         elif self.style == "collect":
             outs = []
             for layer in self.layers:
                 x = layer(x)
                 outs.append(x)
             x = torch.stack(outs).sum(0)
+        elif self.style == "enumerate_branch":
+            for i, layer in enumerate(self.layers):
+                x = layer(2 * x) if i == 3 else layer(x)
+        elif self.style == "early_exit":
+            for i, layer in enumerate(self.layers):
+                if i == 4:
+                    break
+                x = layer(x)
         else:
             for layer in self.layers[:]:
                 x = layer(x)
@@ -205,6 +215,20 @@ def test_every_take_of_the_module_is_stitched():
     torch.testing.assert_close(_call(second, (ids,)), _call(model, (ids,)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("style", ["len", "scaled_by_depth"])
+def test_loops_that_read_the_depth_see_the_real_depth(style):
+    """The model's own loop walks every layer (the middle ones compute nothing), so len() and counters are right."""
+    with torch.device("meta"):
+        meta = Toy(6, style=style).eval()
+    inputs = (torch.randint(0, 50, (2, 7)),)
+    captured = capture(meta, inputs)
+    assert any(n.startswith(SAMPLED) for n in captured.notes), captured.notes
+    real, _ = _toy(style)
+    captured.module.load_state_dict(real.state_dict(), assign=True)
+    ids = torch.randint(0, 50, (3, 5))
+    torch.testing.assert_close(_call(captured.module, (ids,)), _call(real, (ids,)), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # fallbacks: traced in full, with a note saying why
 
@@ -212,21 +236,40 @@ def test_every_take_of_the_module_is_stitched():
 @pytest.mark.parametrize(
     ("style", "why"),
     [
-        ("len", "the length"),
-        ("scaled_by_depth", "the length"),
-        ("collect", "outside the stack reads a value"),
-        ("last_differs", "layers.5"),
+        ("collect", "outside the stack reads a value of layers.0"),
+        ("index_branch", "layers.1.layer_idx is computed with"),
+        ("enumerate_branch", "layers.3 is called with other arguments than layers.1"),
+        ("early_exit", "not each called once, in order (calls: [0, 1, 2, 3])"),
     ],
 )
-def test_depth_dependent_models_are_traced_in_full(style, why):
-    model, inputs = _toy(style)
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_depth_dependent_models_are_traced_in_full(style, why, device):
+    """On meta only the structural checks stand between sampling and a wrong graph; they must refuse."""
+    with torch.device(device):
+        model = Toy(6, style=style).eval()
+    inputs = (torch.randint(0, 50, (2, 7)),)
     captured = capture(model, inputs, trace_depth="sampled")
     assert not any(n.startswith(SAMPLED) for n in captured.notes)
     (note,) = [n for n in captured.notes if n.startswith("sampled trace of layers (6 layers) not used")]
     assert why in note
     assert not captured.sampled
-    ids = torch.randint(0, 50, (3, 5))
-    torch.testing.assert_close(_call(captured.module, (ids,)), _call(model, (ids,)), rtol=0, atol=0)
+    if device == "cpu":
+        ids = torch.randint(0, 50, (3, 5))
+        torch.testing.assert_close(_call(captured.module, (ids,)), _call(model, (ids,)), rtol=0, atol=0)
+
+
+def test_outputs_are_checked_when_the_weights_are_real(monkeypatch):
+    """A difference no structural check sees (global state) is caught by running both on the example."""
+    model, inputs = _toy()
+    special = {id(model.layers[3])}  # a registry outside the model: invisible to the structural checks
+
+    def registry_forward(self, x):
+        y = self.ff(self.norm(x))
+        return x + (2 * y if id(self) in special else y)
+
+    monkeypatch.setattr(Block, "forward", registry_forward)
+    captured = capture(model, inputs, trace_depth="sampled")
+    assert any("outputs differ from the model's on the example inputs" in n for n in captured.notes), captured.notes
 
 
 def test_layers_that_differ_are_not_a_repeated_stack():
@@ -242,11 +285,14 @@ def test_layers_that_differ_are_not_a_repeated_stack():
     assert find_repeated_stacks(_toy(layers=3)[0]) == []
 
 
-def test_stand_in_list_is_removed_after_tracing():
-    model, inputs = _toy("len")
-    layers = model.layers
+def test_hooks_and_patches_are_removed_after_tracing():
+    model, inputs = _toy("index_branch")
     capture(model, inputs, trace_depth="sampled")
-    assert model.layers is layers and len(model.layers) == 6
+    for member in model.layers:
+        assert not member._forward_hooks and not member._forward_pre_hooks
+        assert "forward" not in vars(member)
+        assert type(member.layer_idx) is int
+    assert find_repeated_stacks(model) == [RepeatedStack("layers", 6)]
 
 
 def test_bad_trace_depth_is_rejected():

@@ -224,22 +224,15 @@ def widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
 def _capture_sampled(
     model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, stacks: list[RepeatedStack], notes: list[str]
 ) -> Captured | None:
-    """Trace with each stack cut to three layers and stitch; None (and a note) when that is not sound."""
+    """Trace with the middle layers skipped and stitch; None (and a note) when that is not sound."""
     names = ", ".join(f"{s.path} ({s.depth} layers)" for s in stacks)
     attempt: list[str] = []
     try:
-        with sampled_layers(model, stacks) as stand_ins:
-            try:
-                program, traced_dynamic = _trace(model, args, kwargs, dynamic, attempt)
-            except Exception as exc:  # noqa: BLE001 - decided below: a refusal, or a real failure
-                refused = next((s.refused for s in stand_ins if s.refused), None)
-                if refused is None:
-                    raise
-                raise NotSampleable(f"the model reads {refused} of a layer list") from exc
-            refused = next((s.refused for s in stand_ins if s.refused), None)
-            if refused is not None:
-                raise NotSampleable(f"the model reads {refused} of a layer list")
+        with sampled_layers(model, stacks) as recorder:
+            program, traced_dynamic = _trace(model, args, kwargs, dynamic, attempt)
+        recorder.check(stacks)
         module = stitch(program.module(), model, stacks)
+        _check_outputs(model, module, args, kwargs)
     except NotSampleable as exc:
         notes.append(f"sampled trace of {names} not used ({exc}); traced every layer")
         return None
@@ -252,6 +245,26 @@ def _capture_sampled(
         "(trace_depth='full' traces every layer)"
     )
     return Captured(model, args, kwargs, program, module, traced_dynamic, notes, sampled=list(stacks))
+
+
+def _check_outputs(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """With real weights, the stitched graph must compute what the model computes on the example."""
+    if model.training or _on_meta(model):
+        return  # dropout makes runs differ; meta tensors hold no values
+    with torch.no_grad():
+        want = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
+        got = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, Tensor)]
+    if len(want) != len(got):
+        raise NotSampleable("the stitched graph returns another number of tensors than the model")
+    for a, b in zip(want, got):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise NotSampleable("the stitched graph's outputs differ in shape or dtype from the model's")
+        if a.dtype.is_floating_point:
+            scale = a.double().abs().max().item() if a.numel() else 0.0
+            if not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
+                raise NotSampleable("the stitched graph's outputs differ from the model's on the example inputs")
+        elif not torch.equal(a, b):
+            raise NotSampleable("the stitched graph's outputs differ from the model's on the example inputs")
 
 
 def _raise_trace_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> None:

@@ -3,39 +3,48 @@
 Why: ``torch.export`` spends roughly half a second per decoder layer on symbolic-shape
 bookkeeping, so a 7B (32 layers) or 70B (80 layers) model on the ``meta`` device
 would take tens of seconds to a few minutes to trace although every layer produces
-the same graph. A repeated stack is an ``nn.ModuleList`` whose members ``1 .. L-1``
-(or ``nn.Sequential``) are structurally identical (member 0 may differ: T5 keeps its relative position bias
-there). We trace the model with the list temporarily holding only members
-``0, 1, L-1`` (keeping their original names, so parameter FQNs and module paths are
-the real ones), check that layer ``L-1`` traced to the same graph as layer 1 up to
-renaming, and insert copies of layer 1's graph for layers ``2 .. L-2`` with their own
-parameters.
+the same graph. A repeated stack is an ``nn.ModuleList``/``nn.Sequential`` whose
+members ``1 .. L-1`` are structurally identical (member 0 may differ: T5 keeps its
+relative position bias there). During the trace the model's own loop still calls
+every layer, but layers ``2 .. L-2`` compute nothing and hand back layer 1's output,
+so the graph holds layers 0, 1 and L-1 wired as consecutive layers; layer 1's nodes
+are then copied for layers ``2 .. L-2`` with their own parameters.
 
 What guards the assumption "every middle layer traces like layer 1":
 
-* members ``1 .. L-1`` have the same classes, parameter and buffer shapes/dtypes, and
-  the same plain attributes (numbers, strings, flags; a per-layer index such as
-  ``layer_idx`` is the only attribute allowed to differ);
-* the model never asks the list for its length or for one member by index (the
-  stand-in list refuses, and capture falls back to a full trace): code that loops
-  ``range(len(layers))`` or special-cases one depth is traced in full;
+* members ``1 .. L-1`` have the same classes, train/eval flags, parameter and buffer
+  shapes/dtypes, plain attributes by value and other attributes (configs, functions,
+  hooks, instance ``forward`` overrides) by identity; a layer index such as
+  ``layer_idx`` is the only attribute allowed to differ;
+* layers 1 and L-1 are traced with their index attributes replaced by a watcher:
+  code that computes with the index (``if self.layer_idx == 3``,
+  ``config.layer_types[self.layer_idx]``) refuses the sampled trace;
+* the loop calls every layer once, in order, and calls layers ``2 .. L-1`` exactly
+  as layer 1: the previous layer's output in the same argument positions, the same
+  shared objects (masks, rotary tables), the same plain values. A loop index passed
+  to a layer, a per-layer mask looked up by position, an early ``break`` or a short
+  ``zip`` all fail this; since the loop really runs ``L`` times, ``len()``,
+  ``enumerate`` and counters in the parent see the real depth;
 * layer ``L-1``'s graph is isomorphic to layer 1's (same ops, same constants, same
-  wiring to the layer before it and to shared values such as masks);
-* no value produced inside layers 0 or 1 is read outside the stack (a per-layer
-  output list such as ``output_hidden_states`` would change with depth).
+  wiring to the layer before it and to shared values), and no value produced inside
+  layers 0 or 1 is read outside the stack (per-layer output lists);
+* with real weights, the stitched graph must reproduce the model's outputs on the
+  example inputs (this also catches state the checks above cannot see, such as a
+  global registry keyed by layer).
 
-Anything else (layer behaviour that depends on the index through code that is not
-visible in the first, second or last layer) is the one thing sampling cannot see;
-that is why capture only samples by default when the weights are on ``meta`` (the
-model cannot be run anyway) and traces in full otherwise.
+Not detectable on ``meta`` (no values to compare): layer behaviour driven by global
+Python state. That is why capture samples by default only when the weights are on
+``meta`` (where the model cannot run anyway) and traces in full otherwise.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -73,13 +82,35 @@ class RepeatedStack:
 # finding repeated stacks
 
 
-def _attr_key(value: Any) -> Any:
-    """Plain values compare by value; anything else by type (configs, callables, tensors)."""
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"forward"}  # forward: checked separately
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _attr_key(value: Any, depth: int = 0) -> Any:
+    """Plain values and containers of them compare by value, tensors by shape, anything else by identity.
+
+    Callables built per layer (``functools.partial(gelu, approximate="tanh")``, a closure,
+    a bound method) compare by what they call and with which bound values.
+    """
+    if depth > 4:
+        return ("object", id(value))
+    key = partial(_attr_key, depth=depth + 1)
     if isinstance(value, _PLAIN):
         return (type(value).__name__, value)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
-        return (type(value).__name__, tuple(value))
-    return ("type", type(value).__qualname__)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), key(v)) for k, v in value.items())))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, partial):
+        return ("partial", key(value.func), key(value.args), key(value.keywords))
+    if isinstance(value, types.MethodType):
+        return ("method", id(value.__func__))
+    if isinstance(value, types.FunctionType):
+        cells = tuple(key(c.cell_contents) for c in value.__closure__ or ())
+        return ("function", id(value.__code__), key(value.__defaults__), key(value.__kwdefaults__), cells)
+    return ("object", id(value))  # a shared config or module-level function is the same object in every layer
 
 
 def _signature(layer: nn.Module) -> tuple:
@@ -87,16 +118,13 @@ def _signature(layer: nn.Module) -> tuple:
     parts = []
     for path, mod in layer.named_modules():
         attrs = tuple(
-            sorted(
-                (k, _attr_key(v))
-                for k, v in vars(mod).items()
-                if not k.startswith("_") and k != "training" and k not in _INDEX_ATTRS
-            )
+            sorted((k, _attr_key(v)) for k, v in vars(mod).items() if k not in _MODULE_INTERNALS | _INDEX_ATTRS)
         )
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in mod.named_parameters(recurse=False))
         buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in mod.named_buffers(recurse=False))
-        hooks = (len(mod._forward_hooks), len(mod._forward_pre_hooks))
-        parts.append((path, type(mod), attrs, params, buffers, hooks))
+        hooks = tuple(tuple(id(getattr(h, "__func__", h)) for h in getattr(mod, d).values()) for d in _HOOK_DICTS)
+        forward = id(getattr(vars(mod).get("forward"), "__func__", vars(mod).get("forward")))
+        parts.append((path, type(mod), mod.training, attrs, params, buffers, hooks, forward))
     return tuple(parts)
 
 
@@ -104,11 +132,13 @@ def find_repeated_stacks(model: nn.Module, min_depth: int = MIN_DEPTH) -> list[R
     """Outermost ``nn.ModuleList``/``nn.Sequential`` stacks whose members ``1..L-1`` are interchangeable."""
     found: list[RepeatedStack] = []
     for path, mod in model.named_modules():
-        if type(mod) not in _STAND_INS or len(mod) < min_depth:
+        if type(mod) not in (nn.ModuleList, nn.Sequential) or len(mod) < min_depth:
             continue
         if any(path == s.path or path.startswith(s.path + ".") for s in found):
             continue
         members = list(mod)
+        if len({id(m) for m in members}) != len(members):
+            continue  # one layer object used twice: its parameters are shared, copies would not be
         first = _signature(members[1])
         if all(_signature(m) == first for m in members[2:]):
             found.append(RepeatedStack(path, len(members)))
@@ -116,78 +146,164 @@ def find_repeated_stacks(model: nn.Module, min_depth: int = MIN_DEPTH) -> list[R
 
 
 # --------------------------------------------------------------------------------------
-# tracing with the stand-in list
+# tracing with the middle layers skipped
 
 
-class _Sampled:
-    """Members ``0, 1, L-1`` of a stack under their original names; refuses depth queries.
+class _WatchedIndex:
+    """Stands in for a layer-index attribute and notes any use: comparing, hashing, indexing, arithmetic.
 
-    Iteration and a slice covering the whole stack (``layers[:num_hidden_layers]``)
-    are what a depth-independent forward does; ``len()`` or a single index means the
-    traced graph could depend on the depth, so the sampled trace is abandoned.
+    Layers 1 and L-1 are traced with their index attributes replaced: code that merely
+    stores the index behaves the same in every layer, code that computes with it
+    (``if self.layer_idx == 3``, ``config.layer_types[self.layer_idx]``) may not, and
+    its use refuses the sampled trace. Not an ``int`` subclass on purpose: CPython
+    indexes a list with an int subclass without calling ``__index__``.
     """
 
-    def _fill(self, original: nn.Module, kept: tuple[int, ...]) -> None:
-        members = list(original._modules.values())
-        for i in kept:
-            self._modules[str(i)] = members[i]
-        self._full_depth = len(members)
-        self.refused: str | None = None
+    __slots__ = ("_value", "_where", "_used")
 
-    def _refuse(self, what: str) -> None:
-        self.refused = what
-        raise NotSampleable(f"the model reads {what} of the layer list")
+    def __init__(self, value: int, where: str, used: list[str]) -> None:
+        self._value, self._where, self._used = value, where, used
 
-    def __len__(self) -> int:
-        self._refuse("the length")
-        return 0  # unreachable
-
-    def __bool__(self) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self._modules.values())
-
-    def __getitem__(self, idx: Any) -> Any:
-        if isinstance(idx, slice) and idx.start in (None, 0) and idx.step in (None, 1):
-            if idx.stop is None or (isinstance(idx.stop, int) and idx.stop >= self._full_depth):
-                return self
-        self._refuse(f"item [{idx!r}]")
+    def __repr__(self) -> str:
+        return repr(self._value)
 
 
-class _SampledList(_Sampled, nn.ModuleList):
-    def __init__(self, original: nn.ModuleList, kept: tuple[int, ...]) -> None:
-        nn.Module.__init__(self)
-        self._fill(original, kept)
+def _watching(name: str):
+    def method(self, *args):
+        self._used.append(self._where)
+        return getattr(self._value, name)(*args)
+
+    method.__name__ = name
+    return method
 
 
-class _SampledSequential(_Sampled, nn.Sequential):
-    def __init__(self, original: nn.Sequential, kept: tuple[int, ...]) -> None:
-        nn.Module.__init__(self)
-        self._fill(original, kept)
+for _name in (
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__index__", "__int__", "__float__",
+    "__bool__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__mod__", "__rmod__",
+    "__floordiv__", "__rfloordiv__", "__truediv__", "__rtruediv__", "__pow__", "__neg__", "__and__", "__or__",
+    "__format__", "__str__",
+):  # fmt: skip
+    setattr(_WatchedIndex, _name, _watching(_name))
 
 
-_STAND_INS: dict[type, type] = {nn.ModuleList: _SampledList, nn.Sequential: _SampledSequential}
+@dataclass
+class _Call:
+    """How one layer was called: argument structure, plain values, and the role of each tensor."""
+
+    spec: Any
+    roles: list[Any]
+    leaves: list[Any]  # kept alive so that ids stay unique while records are compared
+
+
+class _Recorder:
+    """Hooks on every member of the sampled stacks; see :func:`sampled_layers`."""
+
+    def __init__(self) -> None:
+        self.order: dict[str, list[int]] = {}
+        self.calls: dict[str, dict[int, _Call]] = {}
+        self.previous: dict[str, dict[int, int]] = {}  # id of a tensor the last layer returned -> leaf position
+        self.template: dict[str, Any] = {}  # layer 1's output, returned by the skipped layers
+        self.index_used: list[str] = []
+
+    def before(self, stack: RepeatedStack, j: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if j == 0:  # a new run of the model (export may run it more than once): start over
+            self.order[stack.path], self.calls[stack.path], self.previous[stack.path] = [], {}, {}
+            self.template.pop(stack.path, None)
+        self.order.setdefault(stack.path, []).append(j)
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        previous = self.previous.get(stack.path, {})
+        roles = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                roles.append(("previous", previous[id(leaf)]) if id(leaf) in previous else ("object", id(leaf)))
+            elif isinstance(leaf, _PLAIN):
+                roles.append(("value", type(leaf).__name__, leaf))
+            elif isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                roles.append(("symbol", str(leaf)))
+            else:
+                roles.append(("object", id(leaf)))
+        self.calls.setdefault(stack.path, {})[j] = _Call(spec, roles, leaves)
+
+    def after(self, stack: RepeatedStack, j: int, module: nn.Module, args: tuple, output: Any) -> None:
+        leaves = torch.utils._pytree.tree_leaves(output)
+        self.previous[stack.path] = {id(t): k for k, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
+        if j == 1:
+            self.template[stack.path] = output
+
+    def skip(self, stack: RepeatedStack, j: int, *args: Any, **kwargs: Any) -> Any:
+        """The forward of a middle layer: no computation, layer 1's output stands in for it."""
+        if stack.path not in self.template:
+            raise NotSampleable(f"{stack.layer(j)} ran before {stack.layer(1)}")
+        return self.template[stack.path]
+
+    def check(self, stacks: list[RepeatedStack]) -> None:
+        """The loop must call every layer once, in order, the middle ones exactly as layer 1."""
+        if self.index_used:
+            raise NotSampleable(f"{self.index_used[0]} is computed with, so layers may differ by index")
+        for stack in stacks:
+            order = self.order.get(stack.path, [])
+            if order != list(range(stack.depth)):
+                shown = order if len(order) <= 12 else [*order[:12], "..."]
+                raise NotSampleable(f"the layers of {stack.path} are not each called once, in order (calls: {shown})")
+            calls = self.calls[stack.path]
+            for j in range(2, stack.depth):
+                if calls[j].spec != calls[1].spec or calls[j].roles != calls[1].roles:
+                    raise NotSampleable(
+                        f"{stack.layer(j)} is called with other arguments than {stack.layer(1)} (by position or type)"
+                    )
 
 
 @contextmanager
-def sampled_layers(model: nn.Module, stacks: list[RepeatedStack]) -> Iterator[list[_Sampled]]:
-    """Swap each stack for its three-member stand-in for the duration of the block."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    stand_ins: list[_Sampled] = []
+def sampled_layers(model: nn.Module, stacks: list[RepeatedStack]) -> Iterator[_Recorder]:
+    """Within the block, layers ``2..L-2`` of each stack compute nothing; calls are recorded.
+
+    The model's own loop still walks every layer, so ``len()``, indexing, ``enumerate``
+    and counters see the real depth; each skipped layer returns layer 1's output, so
+    the trace holds layers 0, 1 and L-1, wired as consecutive layers. The recorder
+    then checks that every layer was called once, in order, with the arguments layer 1
+    got (the previous layer's output in the same positions, the same shared objects,
+    the same plain values), and that layers 1 and L-1 never computed with their index.
+    """
+    recorder = _Recorder()
+    undo: list[Any] = []
     try:
         for stack in stacks:
-            parent_path, _, name = stack.path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            original = parent._modules[name]
-            stand_in = _STAND_INS[type(original)](original, stack.kept)
-            parent._modules[name] = stand_in
-            swapped.append((parent, name, original))
-            stand_ins.append(stand_in)
-        yield stand_ins
+            members = list(model.get_submodule(stack.path))
+            for j, member in enumerate(members):
+                undo.append(member.register_forward_pre_hook(partial(recorder.before, stack, j), with_kwargs=True))
+                undo.append(member.register_forward_hook(partial(recorder.after, stack, j)))
+                if 2 <= j < stack.depth - 1:
+                    undo.append(_patch(member, "forward", partial(recorder.skip, stack, j)))
+            for j in (1, stack.depth - 1):
+                for path, mod in members[j].named_modules(prefix=stack.layer(j)):
+                    for name in _INDEX_ATTRS & vars(mod).keys():
+                        value = vars(mod)[name]
+                        if isinstance(value, int) and not isinstance(value, bool):
+                            watched = _WatchedIndex(value, f"{path}.{name}", recorder.index_used)
+                            undo.append(_patch(mod, name, watched))
+        yield recorder
     finally:
-        for parent, name, original in reversed(swapped):
-            parent._modules[name] = original
+        for item in reversed(undo):
+            item.remove()
+
+
+class _Patch:
+    """An instance attribute set for the duration of the trace, then put back as it was."""
+
+    def __init__(self, obj: Any, name: str, value: Any) -> None:
+        self.obj, self.name = obj, name
+        self.had, self.old = name in vars(obj), vars(obj).get(name)
+        object.__setattr__(obj, name, value)
+
+    def remove(self) -> None:
+        if self.had:
+            object.__setattr__(self.obj, self.name, self.old)
+        else:
+            object.__delattr__(self.obj, self.name)
+
+
+def _patch(obj: Any, name: str, value: Any) -> _Patch:
+    return _Patch(obj, name, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -238,11 +354,14 @@ class _Layers:
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.member: dict[fx.Node, int] = {}
         groups: dict[int, list[fx.Node]] = {i: [] for i in stack.kept}
-        for node in gm.graph.nodes:
+        for node in list(gm.graph.nodes):
             index = _layer_index(node, stack)
             if index is None:
                 continue
             if index not in groups:
+                if node.op == "get_attr" and not node.users:  # a skipped layer's weight, lifted but unused
+                    gm.graph.erase_node(node)
+                    continue
                 raise NotSampleable(f"a node of {stack.layer(index)} appeared, which was not traced")
             groups[index].append(node)
             self.member[node] = index
