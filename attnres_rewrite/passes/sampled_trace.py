@@ -56,7 +56,7 @@ MIN_DEPTH = 4  # with fewer layers there is nothing to replicate
 _INDEX_ATTRS = frozenset(
     {"layer_idx", "layer_id", "layer_index", "layer_number", "layer_num", "idx", "index", "block_idx", "block_id"}
 )
-_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 
 class NotSampleable(Exception):
