@@ -15,77 +15,20 @@ from attnres_rewrite.api import convert_captured, equivalence, inspect_captured
 from attnres_rewrite.errors import NotConvertibleError
 from attnres_rewrite.passes.capture import capture
 
-T = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+import tiny_hf  # noqa: E402  (needs transformers)
 
 LAYERS = 2
 
 
-def _ids(batch=2, seq=7, vocab=97):
-    return torch.randint(0, vocab, (batch, seq))
-
-
-def _llama():
-    cfg = T.LlamaConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False,
-    )  # fmt: skip
-    return T.LlamaForCausalLM(cfg), {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
-
-
-def _qwen2():
-    cfg = T.Qwen2Config(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False,
-    )  # fmt: skip
-    return T.Qwen2ForCausalLM(cfg), {"input_ids": _ids()}
-
-
-def _gpt2():
-    cfg = T.GPT2Config(
-        vocab_size=97, n_embd=40, n_layer=LAYERS, n_head=4, n_positions=64, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return T.GPT2LMHeadModel(cfg), {"input_ids": _ids()}
-
-
-def _neox():
-    cfg = T.GPTNeoXConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=LAYERS, num_attention_heads=4,
-        use_cache=False, use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return T.GPTNeoXForCausalLM(cfg), {"input_ids": _ids()}
-
-
-def _vit():
-    cfg = T.ViTConfig(
-        hidden_size=40, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=72, image_size=16,
-        patch_size=8,
-    )  # fmt: skip
-    return T.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
-
-
-def _t5():
-    cfg = T.T5Config(
-        vocab_size=97, d_model=40, d_kv=10, d_ff=72, num_layers=LAYERS, num_heads=4, use_cache=False,
-    )  # fmt: skip
-    return T.T5Model(cfg), {"input_ids": _ids(), "decoder_input_ids": _ids(2, 5)}
-
-
-def _bert():
-    cfg = T.BertConfig(
-        vocab_size=97, hidden_size=40, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=72,
-    )  # fmt: skip
-    return T.BertModel(cfg), {"input_ids": _ids()}
-
-
 # name -> (factory, [(sublayers, parallel inputs?) per stream])
 CASES = {
-    "llama": (_llama, [2 * LAYERS]),
-    "qwen2": (_qwen2, [2 * LAYERS]),
-    "gpt2": (_gpt2, [2 * LAYERS]),
-    "gpt_neox": (_neox, [2 * LAYERS]),
-    "vit": (_vit, [2 * LAYERS]),
-    "t5": (_t5, [2 * LAYERS, 3 * LAYERS]),  # encoder (self, ff), decoder (self, cross, ff)
+    "llama": (tiny_hf.llama, [2 * LAYERS]),
+    "qwen2": (tiny_hf.qwen2, [2 * LAYERS]),
+    "gpt2": (tiny_hf.gpt2, [2 * LAYERS]),
+    "gpt_neox": (tiny_hf.neox, [2 * LAYERS]),
+    "vit": (tiny_hf.vit, [2 * LAYERS]),
+    "t5": (tiny_hf.t5, [2 * LAYERS, 3 * LAYERS]),  # encoder (self, ff), decoder (self, cross, ff)
 }
 
 
@@ -95,7 +38,7 @@ def traced(request):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, inputs = factory()
+        model, inputs = factory(LAYERS)
     model.eval()
     return request.param, model, inputs, capture(model, inputs), counts
 
@@ -134,7 +77,7 @@ def test_paper_mode_difference_reported(traced):
 
 def test_bert_is_post_norm():
     torch.manual_seed(0)
-    model, inputs = _bert()
+    model, inputs = tiny_hf.bert(LAYERS)
     captured = capture(model.eval(), inputs)
     report = inspect_captured(captured)
     assert len(report.streams) == 1

@@ -25,12 +25,9 @@ from attnres_rewrite.passes.sampled_trace import RepeatedStack, find_repeated_st
 from samples import get as sample
 
 T = pytest.importorskip("transformers")
+import tiny_hf  # noqa: E402  (needs transformers)
 
 SAMPLED = "sampled trace: traced layers 0, 1 and the last"
-
-
-def _ids(batch=2, seq=7, vocab=97):
-    return torch.randint(0, vocab, (batch, seq))
 
 
 def _ops(gm: torch.fx.GraphModule) -> Counter:
@@ -52,43 +49,6 @@ def _call(model, inputs):
 
 # --------------------------------------------------------------------------------------
 # models
-
-
-def _hf_llama(layers):
-    cfg = T.LlamaConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False,
-    )  # fmt: skip
-    return T.LlamaForCausalLM(cfg), {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
-
-
-def _hf_gpt2(layers):
-    cfg = T.GPT2Config(
-        vocab_size=97, n_embd=40, n_layer=layers, n_head=4, n_positions=64, use_cache=False, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    return T.GPT2LMHeadModel(cfg), {"input_ids": _ids()}
-
-
-def _hf_neox(layers):
-    cfg = T.GPTNeoXConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=layers, num_attention_heads=4,
-        use_cache=False, use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return T.GPTNeoXForCausalLM(cfg), {"input_ids": _ids()}
-
-
-def _hf_t5(layers):
-    cfg = T.T5Config(vocab_size=97, d_model=40, d_kv=10, d_ff=72, num_layers=layers, num_heads=4, use_cache=False)
-    return T.T5Model(cfg), {"input_ids": _ids(), "decoder_input_ids": _ids(2, 5)}
-
-
-def _hf_vit(layers):
-    cfg = T.ViTConfig(
-        hidden_size=40, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=72, image_size=16,
-        patch_size=8,
-    )  # fmt: skip
-    return T.ViTModel(cfg), {"pixel_values": torch.randn(2, 3, 16, 16)}
 
 
 class Block(nn.Module):
@@ -160,7 +120,7 @@ def _toy(style="iterate", layers=6, container=nn.ModuleList):
 # sampled == full
 
 
-HF = {"llama": _hf_llama, "gpt2": _hf_gpt2, "neox": _hf_neox, "t5": _hf_t5, "vit": _hf_vit}
+HF = {"llama": tiny_hf.llama, "gpt2": tiny_hf.gpt2, "neox": tiny_hf.neox, "t5": tiny_hf.t5, "vit": tiny_hf.vit}
 
 
 @pytest.mark.parametrize("name", sorted(HF))
@@ -315,7 +275,7 @@ def test_auto_samples_meta_models_and_traces_real_ones_in_full():
 
 def test_meta_conversion_then_real_weights_equals_converting_the_real_model():
     torch.manual_seed(0)
-    real, inputs = _hf_llama(6)
+    real, inputs = tiny_hf.llama(6)
     real.eval()
     with torch.device("meta"):
         meta = T.LlamaForCausalLM(real.config).eval()

@@ -19,7 +19,8 @@ from attnres_rewrite.api import fresh_inputs
 from attnres_rewrite.errors import InvalidInputError
 from attnres_rewrite.weights import retarget_devices
 
-T = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+import tiny_hf  # noqa: E402  (needs transformers)
 
 
 def _call(model, inputs):
@@ -37,25 +38,15 @@ def _devices_in_graph(gm: torch.fx.GraphModule) -> set[str]:
 
 
 def _gpt2(device=None):
-    cfg = T.GPT2Config(
-        vocab_size=97, n_embd=40, n_layer=4, n_head=4, n_positions=64, use_cache=False, bos_token_id=0,
-        eos_token_id=0, tie_word_embeddings=True,
-    )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device(device or "cpu"):
-        model = T.GPT2LMHeadModel(cfg).eval()
-    return model, {"input_ids": torch.randint(0, 97, (2, 7))}
+    model, inputs = tiny_hf.gpt2(4, device)
+    return model.eval(), inputs
 
 
 def _llama(device=None):
-    cfg = T.LlamaConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, use_cache=False,
-    )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device(device or "cpu"):
-        model = T.LlamaForCausalLM(cfg).eval()
-    return model, {"input_ids": torch.randint(0, 97, (2, 7))}
+    model, inputs = tiny_hf.llama(4, device, mask=False)
+    return model.eval(), inputs
 
 
 def _convert(model, inputs, **kw):
