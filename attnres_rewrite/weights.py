@@ -41,9 +41,10 @@ def attach_weights(
         raise InvalidInputError(f"converted must be the GraphModule convert() returned, got {type(converted).__name__}")
     source = _named_tensors(weights)
     target = _target_device(source, device)
+    holders = _holders(converted)
     plan = {}  # name -> new tensor, computed in full before anything is assigned
     missing = []
-    for name, current in _holders(converted):
+    for name, current in holders.items():
         if name in source:
             new = source[name]
             if tuple(new.shape) != tuple(current.shape):
@@ -65,7 +66,6 @@ def attach_weights(
             "non-persistent buffers a state dict leaves out, such as rotary-embedding tables), or a state dict "
             "holding every one of these names"
         )
-    holders = dict(_holders(converted))
     shared: dict[int, Tensor] = {}  # tied weights (one Parameter under two names) stay tied
     for name, tensor in plan.items():
         old = holders[name]
@@ -100,8 +100,7 @@ def retarget_devices(gm: fx.GraphModule, device: torch.device) -> int:
 
 def _named_tensors(weights: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     if isinstance(weights, nn.Module):
-        out = dict(weights.named_parameters(remove_duplicate=False))
-        out.update(weights.named_buffers(remove_duplicate=False))
+        out = _holders(weights)
     elif isinstance(weights, Mapping):
         out = dict(weights)
     else:
@@ -130,9 +129,9 @@ def _target_device(source: dict[str, Tensor], device: torch.device | str | None)
     return target
 
 
-def _holders(gm: nn.Module) -> list[tuple[str, Tensor]]:
+def _holders(gm: nn.Module) -> dict[str, Tensor]:
     """Every parameter and buffer of ``gm`` by name (non-persistent buffers included)."""
-    return [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
 
 
 def _assign(gm: nn.Module, name: str, tensor: Tensor) -> None:

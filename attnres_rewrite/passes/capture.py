@@ -53,7 +53,7 @@ class Captured:
             self._module_taken = True
             return self.module
         module = self.program.module()
-        return stitch(module, self.model, self.sampled) if self.sampled else module
+        return stitch(module, self.sampled) if self.sampled else module
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -231,7 +231,7 @@ def _capture_sampled(
         with sampled_layers(model, stacks) as recorder:
             program, traced_dynamic = _trace(model, args, kwargs, dynamic, attempt)
         recorder.check(stacks)
-        module = stitch(program.module(), model, stacks)
+        module = stitch(program.module(), stacks)
         _check_outputs(model, module, args, kwargs)
     except NotSampleable as exc:
         notes.append(f"sampled trace of {names} not used ({exc}); traced every layer")

@@ -273,14 +273,14 @@ def sampled_layers(model: nn.Module, stacks: list[RepeatedStack]) -> Iterator[_R
                 undo.append(member.register_forward_pre_hook(partial(recorder.before, stack, j), with_kwargs=True))
                 undo.append(member.register_forward_hook(partial(recorder.after, stack, j)))
                 if 2 <= j < stack.depth - 1:
-                    undo.append(_patch(member, "forward", partial(recorder.skip, stack, j)))
+                    undo.append(_Patch(member, "forward", partial(recorder.skip, stack, j)))
             for j in (1, stack.depth - 1):
                 for path, mod in members[j].named_modules(prefix=stack.layer(j)):
                     for name in _INDEX_ATTRS & vars(mod).keys():
                         value = vars(mod)[name]
                         if isinstance(value, int) and not isinstance(value, bool):
                             watched = _WatchedIndex(value, f"{path}.{name}", recorder.index_used)
-                            undo.append(_patch(mod, name, watched))
+                            undo.append(_Patch(mod, name, watched))
         yield recorder
     finally:
         for item in reversed(undo):
@@ -300,10 +300,6 @@ class _Patch:
             object.__setattr__(self.obj, self.name, self.old)
         else:
             object.__delattr__(self.obj, self.name)
-
-
-def _patch(obj: Any, name: str, value: Any) -> _Patch:
-    return _Patch(obj, name, value)
 
 
 # --------------------------------------------------------------------------------------
@@ -455,34 +451,27 @@ def _same_constant(a: Any, b: Any) -> bool:
         return False
 
 
-def _attach(gm: fx.GraphModule, model: nn.Module, target: str) -> None:
-    """Give ``gm`` the attribute ``target`` of ``model`` (a parameter or buffer of a replicated layer)."""
+def _check_lifted(gm: fx.GraphModule, target: str) -> None:
+    """A replicated layer's weight must already be in ``gm``: every layer is called, so export lifted them all."""
     owner_path, _, name = target.rpartition(".")
-    source = model.get_submodule(owner_path)
-    value = getattr(source, name)
-    owner: nn.Module = gm
-    for part in owner_path.split(".") if owner_path else []:
-        if part not in owner._modules:
-            owner.add_module(part, nn.Module())
-        owner = owner._modules[part]
-    if isinstance(value, nn.Parameter):
-        owner.register_parameter(name, value)
-    elif isinstance(value, torch.Tensor):
-        owner.register_buffer(name, value, persistent=name not in source._non_persistent_buffers_set)
-    else:
-        raise NotSampleable(f"{target} is not a parameter or buffer")
+    try:
+        owner = gm.get_submodule(owner_path)
+    except AttributeError:
+        owner = None
+    if owner is None or not isinstance(getattr(owner, name, None), torch.Tensor):
+        raise NotSampleable(f"{target} is not in the traced module")
 
 
-def stitch(gm: fx.GraphModule, model: nn.Module, stacks: list[RepeatedStack]) -> fx.GraphModule:
+def stitch(gm: fx.GraphModule, stacks: list[RepeatedStack]) -> fx.GraphModule:
     """Turn the sampled trace ``gm`` into the full-depth graph, in place; returns ``gm``."""
     for stack in stacks:
-        _stitch_one(gm, model, stack)
+        _stitch_one(gm, stack)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _stitch_one(gm: fx.GraphModule, model: nn.Module, stack: RepeatedStack) -> None:
+def _stitch_one(gm: fx.GraphModule, stack: RepeatedStack) -> None:
     layers = _Layers(gm, stack)
     layers.check_order()
     layers.check_escapes()
@@ -507,7 +496,7 @@ def _stitch_one(gm: fx.GraphModule, model: nn.Module, stack: RepeatedStack) -> N
             for node in layers.second:
                 if node.op == "get_attr":
                     target = _rename(str(node.target), template, name)
-                    _attach(gm, model, target)
+                    _check_lifted(gm, target)
                     copy = graph.get_attr(target)
                 else:
                     copy = graph.create_node(
