@@ -41,6 +41,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError, VerificationError
+from ..passes.capture import dynamic_axes
 from ..passes.lower import count_ops
 from . import verify as _verify
 from .function import DOMAIN, DOMAIN_VERSION, function_ir
@@ -161,29 +162,13 @@ def _check_destination(path: Any) -> Path:
 # Dynamic shapes
 
 
-def _axes_for(t: Any) -> dict[int, Any] | None:
-    """Batch axis 0; sequence axis 1 for token-shaped tensors ((B, T) ids/masks, (B, T, d) floats).
-
-    ``Dim.AUTO`` lets torch.export keep an axis static where the model needs it (an
-    image size, a mel-bin count) instead of failing; the report then says what stayed
-    dynamic.
-    """
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return None
-    auto = torch.export.Dim.AUTO
-    axes = {0: auto}
-    if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
-        axes[1] = auto
-    return axes
-
-
 def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """``dynamic_shapes`` for torch.export: batch and sequence axes of every tensor input.
 
     Keyed by the names of ``forward``'s parameters, so ``*args``/``**kwargs`` parameters
     get the nested structure torch.export expects.
     """
-    spec = lambda tree: pytree.tree_map(_axes_for, tree)  # noqa: E731
+    spec = lambda tree: pytree.tree_map(dynamic_axes, tree)  # noqa: E731
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):  # no introspectable signature: positional inputs only
@@ -200,7 +185,7 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) ->
 def _static_size_one_notes(args: tuple, kwargs: dict) -> list[str]:
     notes = []
     for i, t in enumerate(_verify.tensor_leaves((args, kwargs))):
-        axes = _axes_for(t) or {}
+        axes = dynamic_axes(t) or {}
         for axis in axes:
             if t.shape[axis] == 1:
                 notes.append(

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InvalidInputError, TraceError
 from .sampled_trace import NotSampleable, RepeatedStack, find_repeated_stacks, sampled_layers, stitch
 
-__all__ = ["Captured", "capture", "normalize_inputs", "dynamic_shapes_for", "TRACE_DEPTHS"]
+__all__ = ["Captured", "capture", "normalize_inputs", "dynamic_axes", "dynamic_shapes_for", "TRACE_DEPTHS"]
 
 TRACE_DEPTHS = ("auto", "full", "sampled")
 
@@ -82,25 +82,27 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _leaf_dims(t: Any) -> dict[int, Any] | None:
-    """Dynamic axes for one input leaf: batch always, the sequence axis of token-like inputs."""
+def dynamic_axes(t: Any) -> dict[int, Any] | None:
+    """Dynamic axes of one input leaf: batch always; the sequence axis of token-like inputs.
+
+    (B, T) integer/bool tensors are token ids or masks, (B, T, d) floats are embeddings.
+    ``Dim.AUTO`` lets torch.export keep an axis static where the model pins it (an image
+    size, a mel-bin count) instead of failing. The ONNX exporter uses the same rule.
+    """
     from torch.export import Dim
 
     if not isinstance(t, Tensor) or t.dim() == 0:
         return None
     dims = {0: Dim.AUTO}
-    integer = not t.dtype.is_floating_point and t.dtype != torch.bool
-    if t.dim() >= 2 and (integer or t.dtype == torch.bool) and t.dim() <= 2:
-        dims[1] = Dim.AUTO  # token ids / attention masks: (batch, seq)
-    elif t.dim() == 3 and t.dtype.is_floating_point:
-        dims[1] = Dim.AUTO  # embeddings (batch, seq, d); AUTO stays static where the model pins it
+    if (t.dim() == 2 and not t.is_floating_point()) or (t.dim() == 3 and t.is_floating_point()):
+        dims[1] = Dim.AUTO
     return dims
 
 
 def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """Build the ``dynamic_shapes`` argument matching ``(args, kwargs)``."""
-    spec_args = pytree.tree_map(_leaf_dims, args, is_leaf=lambda x: x is None)
-    spec_kwargs = {k: pytree.tree_map(_leaf_dims, v, is_leaf=lambda x: x is None) for k, v in kwargs.items()}
+    spec_args = pytree.tree_map(dynamic_axes, args, is_leaf=lambda x: x is None)
+    spec_kwargs = {k: pytree.tree_map(dynamic_axes, v, is_leaf=lambda x: x is None) for k, v in kwargs.items()}
     if not kwargs:
         return tuple(spec_args)
     try:
@@ -207,7 +209,7 @@ def widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
 
     def widen(label: str, tree: Any) -> Any:
         def one(path, t: Any) -> Any:
-            dims = _leaf_dims(t)
+            dims = dynamic_axes(t)
             for axis in dims or ():
                 if t.shape[axis] == 1:
                     t = torch.cat([t, t], dim=axis)
