@@ -431,6 +431,13 @@ def _entry_consumers(g: _Graph, state: Node, skip: set[Node]) -> list[Node]:
     return out
 
 
+# link kind -> reason, up to where the link is (a stream of re-normalised or activated sums)
+_NOT_RAW_SUMS = {
+    "postnorm": "post-norm: the stream is re-normalised after every add, norm(x + f(x)) (norm at",
+    "postact": "post-activation: an activation is applied after every add, act(x + f(x)) (at",
+}
+
+
 def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     start = chain[0].stream_root
     states = [start] + [a.node for a in chain]
@@ -461,18 +468,10 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     )
     links = [a for a in chain if a.link != "plain"]
     where = lambda n: (_innermost(n) or (n.name,))[0] or n.name  # noqa: E731
-    if links and links[0].link == "postnorm":
-        stream.kind, stream.convertible = "postnorm", False
+    if links and links[0].link in _NOT_RAW_SUMS:
+        stream.kind, stream.convertible = links[0].link, False
         stream.reason = (
-            f"post-norm: the stream is re-normalised after every add, norm(x + f(x)) (norm at "
-            f"{where(links[0].link_node)}); AttnRes needs a stream of raw sums"
-        )
-        return stream
-    if links and links[0].link == "postact":
-        stream.kind, stream.convertible = "postact", False
-        stream.reason = (
-            f"post-activation: an activation is applied after every add, act(x + f(x)) (at "
-            f"{where(links[0].link_node)}); AttnRes needs a stream of raw sums"
+            f"{_NOT_RAW_SUMS[links[0].link]} {where(links[0].link_node)}); AttnRes needs a stream of raw sums"
         )
         return stream
     if len(sublayers) < 2:
