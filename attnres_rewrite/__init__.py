@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "inspect": "api",
     "convert": "api",
+    "convert_": "api",
+    "is_converted": "api",
     "save_adapter": "api",
     "load_adapter": "api",
     "equivalence": "api",
@@ -24,6 +26,8 @@ _LAZY = {
     "export_onnx": "onnx",
     "compile": "backend",
     "attach_weights": "weights",
+    "save_converted": "saving",
+    "load_converted": "saving",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -1,14 +1,17 @@
 """Adapters: the AttnRes part of a converted model, saved apart from the base weights.
 
 A directory holds ``attnres_config.json`` (plan + versions) and ``attnres.safetensors``
-(only the ``attnres.*`` parameters). Loading re-runs capture and detection on a freshly
-built original model, checks the streams against the plan (names, sublayer module
-paths, feature size), applies the *saved* plan and loads the weights. Files are written
-to temporaries and renamed, so a failed save leaves no half-written adapter.
+(only the ``attnres.*`` parameters). Loading converts a freshly built original model
+with the *saved* plan and loads the weights. Given example inputs, it first traces the
+model and checks its streams against the plan (names, sublayer module paths, feature
+size); without them the check happens at the model's first call, which captures its
+program anyway. Files are written to temporaries and renamed, so a failed save leaves
+no half-written adapter.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -43,7 +46,7 @@ def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
     params = getattr(converted, "attnres", None)
     if plan is None or params is None:
         raise InvalidInputError(
-            "save_adapter needs a model returned by attnres_rewrite.convert (no attnres_plan found)"
+            "save_adapter needs a model returned by attnres_rewrite.convert (it has no attnres.plan)"
         )
     tensors = {f"attnres.{k}": v.detach() for k, v in params.state_dict().items()}
     if any(t.device.type == "meta" for t in tensors.values()):
@@ -88,61 +91,86 @@ def _read(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     return plan, weights
 
 
-def _match(plan, detection) -> None:
-    """Every planned stream must exist, convertible, with the same sublayers and width."""
-    found = {s.name: s for s in detection.streams}
-    for sp in plan.streams:
-        s = found.get(sp.name)
-        if s is None:
-            raise AdapterError(
-                f"the model has no residual stream {sp.name!r} (found: {sorted(found) or 'none'}); "
-                "the adapter was made for another architecture"
-            )
-        if not s.convertible:
-            raise AdapterError(f"stream {sp.name!r} is not convertible in this model: {s.reason}")
-        paths = [x.module_path for x in s.sublayers]
-        if len(paths) != sp.num_sublayers:
-            raise AdapterError(
-                f"stream {sp.name!r}: the adapter has {sp.num_sublayers} sublayers but the model has {len(paths)} "
-                "(different depth)"
-            )
-        if paths != sp.sublayers:
-            diff = next(i for i, (a, b) in enumerate(zip(paths, sp.sublayers)) if a != b)
-            raise AdapterError(
-                f"stream {sp.name!r}: sublayer {diff} is {paths[diff]!r} in the model but {sp.sublayers[diff]!r} "
-                "in the adapter"
-            )
-        if s.dim != sp.dim:
-            raise AdapterError(f"stream {sp.name!r}: feature size {s.dim} in the model, {sp.dim} in the adapter")
-        rows = {state: r for r, state in enumerate(s.input_states)}
-        if [rows[x.reads] for x in s.sublayers] != sp.inputs:
-            raise AdapterError(f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)")
-
-
 def load_adapter(
-    model: nn.Module, example_inputs: Any, directory: str | os.PathLike, *, trace_depth: str = "auto"
+    model: nn.Module,
+    example_inputs: Any,
+    directory: str | os.PathLike,
+    *,
+    trace_depth: str = "auto",
+    inplace: bool = False,
 ) -> nn.Module:
-    """Convert a freshly built ``model`` as the adapter in ``directory`` says, and load its AttnRes weights.
+    """A copy of a freshly built ``model`` converted as the adapter in ``directory`` says, with its AttnRes weights.
 
+    ``example_inputs`` (may be None) lets the streams be checked against the adapter
+    before anything is returned; an adapter saved before plans recorded the module that
+    owns each stream needs them. ``inplace=True`` converts ``model`` itself (no copy).
     ``trace_depth`` as in :func:`attnres_rewrite.convert`.
     """
-    from .api import apply_plan
+    from .api import apply_plan, is_converted
     from .passes.capture import capture
-    from .passes.detect import detect
+    from .passes.detect import detect, stream_owner
+    from .passes.plan import plan_mismatch
 
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {directory} does not exist")
     plan, weights = _read(directory)
-    captured = capture(model, example_inputs, trace_depth=trace_depth)
-    detection = detect(captured.module, model)
-    _match(plan, detection)
-    try:
-        converted = apply_plan(captured.take_module(), detection, plan)
-    except AttnResError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise AdapterError(f"could not apply the adapter's plan: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_converted(model):
+        raise AdapterError("the model is already converted; load the adapter onto the original model")
+    target = model if inplace else copy.deepcopy(model)
+    if example_inputs is not None:
+        captured = capture(target, example_inputs, trace_depth=trace_depth)
+        module = captured.take_module()
+        detection = detect(module, target)
+        problem = plan_mismatch(plan, detection)
+        if problem is not None:
+            raise AdapterError(f"the adapter does not fit this model: {problem}")
+        found = {s.name: s for s in detection.streams}
+        for sp in plan.streams:
+            if sp.owner is None:
+                sp.owner = stream_owner(found[sp.name])
+        try:
+            apply_plan(target, captured, module, detection, plan, trace_depth)
+        except AttnResError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise AdapterError(f"could not apply the adapter's plan: {exc}") from exc
+    else:
+        if any(sp.owner is None for sp in plan.streams):
+            raise AdapterError(
+                f"{directory} does not record which module owns each stream (an older adapter); "
+                "pass example_inputs so the model can be traced"
+            )
+        install_plan(target, plan, trace_depth)
+    _load_weights(target, weights)
+    return target
+
+
+def install_plan(model: nn.Module, plan, trace_depth: str = "auto") -> None:
+    """Convert ``model`` in place by a saved ``plan`` without tracing it (the first call checks the streams).
+
+    The AttnRes parameters start at their initial values, in the dtype and on the
+    device of the model's first floating-point parameter; load saved ones afterwards.
+    """
+    from .passes.rewrite import make_parameters
+    from .runtime.converted import install
+
+    missing = [sp.name for sp in plan.streams if sp.owner is None]
+    if missing:
+        raise AdapterError(f"the plan does not record which module owns stream {missing[0]!r}; convert with a trace")
+    for sp in plan.streams:
+        if sp.owner:
+            try:
+                model.get_submodule(sp.owner)
+            except AttributeError:
+                raise AdapterError(f"stream {sp.name!r} belongs to {sp.owner!r}, which this model lacks") from None
+    like = next((p for p in model.parameters() if p.is_floating_point()), None)
+    install(model, plan, make_parameters(plan, like=like), trace_depth)
+
+
+def _load_weights(converted: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = converted.attnres.state_dict()
     want = {f"attnres.{k}": v for k, v in params.items()}
     if set(want) != set(weights):
@@ -156,4 +184,3 @@ def load_adapter(
     state = {k[len("attnres.") :]: weights[k].to(dtype=params[k[len("attnres.") :]].dtype) for k in want}
     assign = any(p.device.type == "meta" for p in converted.attnres.parameters())
     converted.attnres.load_state_dict(state, assign=assign)
-    return converted

@@ -1,11 +1,14 @@
 """Public API: inspect, convert, measure equivalence, save/load adapters.
 
 Pipeline: :func:`~.passes.capture.capture` -> :func:`~.passes.detect.detect` ->
-:class:`~.passes.plan.ConversionPlan` -> :func:`~.passes.rewrite.rewrite`.
+:class:`~.passes.plan.ConversionPlan` -> :func:`~.runtime.converted.install`, after
+which each stream owner's calls are captured, rewritten and outlined per signature
+(:mod:`attnres_rewrite.runtime`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,9 +19,10 @@ from torch.utils import _pytree as pytree
 from .adapter import load_adapter, save_adapter
 from .errors import InvalidInputError, NoResidualStreamError, NotConvertibleError
 from .passes.capture import Captured, capture, normalize_inputs
-from .passes.detect import Detection, Stream, detect
+from .passes.detect import Detection, Stream, detect, stream_owner
 from .passes.plan import ConversionPlan, check_eps, check_mode, make_stream_plan, resolve_partition
-from .passes.rewrite import rewrite
+from .passes.rewrite import make_parameters
+from .runtime import converted as _runtime
 
 __all__ = [
     "InspectReport",
@@ -26,10 +30,14 @@ __all__ = [
     "EquivalenceReport",
     "inspect",
     "convert",
+    "convert_",
     "convert_captured",
+    "is_converted",
     "inspect_captured",
     "build_plan",
     "plan_of",
+    "programs",
+    "rewritten_graphs",
     "equivalence",
     "fresh_inputs",
     "save_adapter",
@@ -148,7 +156,10 @@ def build_plan(
     """Plan the conversion of every convertible stream of ``detection``."""
     _check_options(num_blocks, block_size, full, mode, eps)
     streams = _check_convertible(detection)
-    planned = [make_stream_plan(s, num_blocks=num_blocks, block_size=block_size, full=full, eps=eps) for s in streams]
+    planned = [
+        make_stream_plan(s, num_blocks=num_blocks, block_size=block_size, full=full, eps=eps, owner=stream_owner(s))
+        for s in streams
+    ]
     notes = [f"{s.name}: not converted ({s.reason})" for s in detection.streams if not s.convertible]
     return ConversionPlan(planned, mode=mode, full=full, num_blocks=num_blocks, block_size=block_size, notes=notes)
 
@@ -164,28 +175,88 @@ def convert(
     eps: float | None = None,
     trace_depth: str = "auto",
 ) -> nn.Module:
-    """Rewrite every convertible residual stream of ``model`` into Block AttnRes.
+    """A converted copy of ``model``: every convertible residual stream becomes Block AttnRes.
+
+    ``model`` itself is not changed (it is deep-copied first; a model on the ``meta``
+    device copies for free). :func:`convert_` converts in place, without the copy.
 
     ``num_blocks`` (default 8, capped at each stream's sublayer count), ``block_size``
     or ``full=True`` (one block per sublayer) choose the partition; ``mode`` is
     ``"paper"`` or ``"exact"`` (SPEC section 1); ``eps`` overrides the key-norm epsilon
     (default: the model's norm epsilon, else 1e-6).
 
-    Returns a trainable ``torch.fx.GraphModule`` taking the same inputs as ``model``,
-    with the original parameter names, the new ones under ``attnres.<stream>.*`` and
-    the plan as ``.attnres_plan``. The graph was captured in the model's current
-    train/eval mode; dropout is baked in as traced. Parameters are shared with
-    ``model`` (no copy), so a meta-device model converts without allocating weights.
+    The result is the same class as ``model`` with the same attributes, submodules and
+    parameter names, plus an ``attnres`` submodule holding the queries and key-norm
+    gains (``attnres.<stream>.{query,key_gain}``) and the plan (``attnres.plan``). It
+    takes any call the model takes (masks, labels, caches, ``generate``), in train or
+    eval mode, in any dtype and on any device: the module that holds each stream runs a
+    program captured for each new call signature (see :mod:`attnres_rewrite.runtime`).
 
     ``trace_depth``: ``"full"`` traces every layer; ``"sampled"`` traces the first,
     second and last layer of each stack of identical layers and replicates the second
     (seconds instead of a minute for a 7B model; falls back to a full trace, with a
     note in the plan, when the layers or the way the model calls them differ);
-    ``"auto"`` (default) samples when the weights are on the ``meta`` device.
+    ``"auto"`` (default) samples when the weights are on the ``meta`` device. The same
+    setting applies to the captures of later calls.
     """
     _check_options(num_blocks, block_size, full, mode, eps)
+    _refuse_converted(model)
+    return convert_(
+        copy.deepcopy(model),
+        example_inputs,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        full=full,
+        mode=mode,
+        eps=eps,
+        trace_depth=trace_depth,
+    )
+
+
+def convert_(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    full: bool = False,
+    mode: str = "paper",
+    eps: float | None = None,
+    trace_depth: str = "auto",
+) -> nn.Module:
+    """:func:`convert` in place: ``model`` itself becomes the converted model (and is returned).
+
+    The memory-free path for large models, e.g. one built on the ``meta`` device before
+    its weights are attached with :func:`~attnres_rewrite.attach_weights`.
+    """
+    _check_options(num_blocks, block_size, full, mode, eps)
+    _refuse_converted(model)
     captured = capture(model, example_inputs, trace_depth=trace_depth)
-    return convert_captured(captured, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+    return convert_captured(
+        captured,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        full=full,
+        mode=mode,
+        eps=eps,
+        trace_depth=trace_depth,
+        inplace=True,
+    )
+
+
+def _refuse_converted(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_converted(model):
+        raise InvalidInputError(
+            f"this {type(model).__name__} is already converted (it has an attnres submodule with a plan); "
+            "convert the original model, or load its AttnRes weights with attnres_rewrite.load_adapter"
+        )
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` is the result of :func:`convert` (or :func:`load_adapter`)."""
+    return _runtime.is_converted(model)
 
 
 def convert_captured(
@@ -196,30 +267,68 @@ def convert_captured(
     full: bool = False,
     mode: str = "paper",
     eps: float | None = None,
+    trace_depth: str = "auto",
+    inplace: bool = False,
 ) -> nn.Module:
-    """:func:`convert` on an existing capture; may be called repeatedly on one capture."""
+    """:func:`convert` from an existing capture: of a copy of ``captured.model``, or of the model itself (``inplace``).
+
+    May be called repeatedly on one capture (tests and benchmarks try several partitions
+    on one trace).
+    """
     module = captured.take_module()
     detection = detect(module, captured.model)
     plan = build_plan(detection, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
     plan.notes = captured.notes + plan.notes
-    return apply_plan(module, detection, plan)
+    target = captured.model if inplace else copy.deepcopy(captured.model)
+    return apply_plan(target, captured, module, detection, plan, trace_depth)
 
 
-def apply_plan(module: torch.fx.GraphModule, detection: Detection, plan: ConversionPlan) -> nn.Module:
-    """Rewrite ``module`` (the graph ``detection`` ran on) per ``plan``; attach the plan."""
-    converted = rewrite(module, detection, plan)
-    converted.attnres_plan = plan
-    converted.meta["attnres_plan"] = plan  # GraphModule.meta survives copy.deepcopy, attributes do not
-    return converted
+def apply_plan(
+    model: nn.Module,
+    captured: Captured,
+    module: torch.fx.GraphModule,
+    detection: Detection,
+    plan: ConversionPlan,
+    trace_depth: str,
+) -> nn.Module:
+    """Install ``plan`` on ``model`` (``captured.model`` or a copy of it); ``module`` becomes its first program.
+
+    ``module`` is the graph ``detection`` ran on. Where a stream's owner is the model
+    itself, the capture conversion made is the program of the example's call; other
+    owners capture on their first call.
+    """
+    _runtime.install(model, plan, make_parameters(plan, detection), trace_depth)
+    root = _runtime.owners(model).get("")
+    if root is not None:
+        root.adopt(captured, module, detection)
+    return model
 
 
 def plan_of(module: nn.Module) -> ConversionPlan | None:
-    """The plan of a converted module (also after ``copy.deepcopy``), else None."""
-    plan = getattr(module, "attnres_plan", None)
-    if plan is None:
-        meta = getattr(module, "meta", None)
-        plan = meta.get("attnres_plan") if isinstance(meta, dict) else None
-    return plan
+    """The plan of a converted model, else None."""
+    attnres = getattr(module, "attnres", None)
+    return getattr(attnres, "plan", None)
+
+
+def programs(model: nn.Module) -> dict[str, list[Any]]:
+    """The programs a converted model has captured so far, by owner path (for inspection)."""
+    return {path: list(forward.programs) for path, forward in _runtime.owners(model).items()}
+
+
+def rewritten_graphs(converted: nn.Module, example_inputs: Any) -> dict[str, torch.fx.GraphModule]:
+    """The rewritten ATen graphs a converted model runs for ``example_inputs``, by stream owner (before outlining).
+
+    For inspection and tests: every AttnRes aggregation is one
+    ``torch.ops.attnres.block_attnres`` node. Owners the call does not reach are left out.
+    """
+    forwards = _runtime.owners(converted)
+    if not forwards:
+        raise InvalidInputError("rewritten_graphs needs a model returned by attnres_rewrite.convert")
+    for forward in forwards.values():
+        forward.last = None
+    with torch.no_grad():
+        _call(converted, example_inputs)
+    return {path: f.last.flat for path, f in forwards.items() if f.last is not None}
 
 
 # --------------------------------------------------------------------------------------

@@ -126,7 +126,11 @@ def compile(
 ):
     """``torch.compile`` with the ``attnres`` backend; options as in :func:`attnres_backend`.
 
-    A thin wrapper so users need not know the option plumbing of custom backends.
+    A thin wrapper so users need not know the option plumbing of custom backends. For a
+    converted model it returns a :class:`~.runtime.compiled.CompiledModel`: each program
+    (the model's rewritten computation for one call signature) is compiled as one graph,
+    so ``fullgraph=True`` holds; ``torch.compile(converted, backend="attnres")`` works
+    too, with one graph break where the converted module picks its program.
     """
     opts = {**(options or {}), "two_phase": two_phase}
 
@@ -134,4 +138,9 @@ def compile(
         return attnres_backend(gm, example_inputs, mode=mode, options=opts, dynamic=dynamic)
 
     backend.__name__ = "attnres"
+    from .runtime.compiled import CompiledModel
+    from .runtime.converted import is_converted
+
+    if is_converted(model):
+        return CompiledModel(model, lambda fn: torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic))
     return torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)

@@ -1,12 +1,12 @@
 """Attaching real weights to a model converted on the ``meta`` device.
 
-Why this is more than ``load_state_dict(assign=True)``: ``torch.export`` records the
-device of every tensor the forward creates (``arange``, ``ones``, ``.to(device)``
-and the metadata asserts around them), so a graph traced on ``meta`` keeps creating
-meta tensors after its weights moved to the CPU or a GPU. Non-persistent buffers
-(rotary-embedding tables) are not in a checkpoint's state dict, and the AttnRes
-parameters of a fresh conversion are defined by their initial values (zero queries,
-unit key gains), so they can be created on the target device without a checkpoint.
+Why this is more than ``load_state_dict(assign=True)``: non-persistent buffers
+(rotary-embedding tables) are not in a checkpoint's state dict, so a state dict alone
+leaves them on ``meta``; the AttnRes parameters of a fresh conversion are defined by
+their initial values (zero queries, unit key gains), so they are created on the target
+device without a checkpoint; tied weights (one parameter under two names) must stay
+tied; and the programs captured on ``meta`` (whose graphs create meta tensors) are
+dropped, so the next call captures on the weights' device.
 """
 
 from __future__ import annotations
@@ -14,34 +14,45 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .errors import InvalidInputError
 
-__all__ = ["attach_weights", "retarget_devices"]
+__all__ = ["attach_weights"]
 
 
 def attach_weights(
-    converted: fx.GraphModule,
+    converted: nn.Module,
     weights: nn.Module | Mapping[str, Tensor],
     *,
     device: torch.device | str | None = None,
-) -> fx.GraphModule:
-    """Give a converted model its real weights, by name, and move its graph to their device.
+    strict: bool = True,
+) -> nn.Module:
+    """Give a converted model its real weights, by name; its next call captures on their device.
 
     ``weights``: the original model built with real weights (its parameters and all
     buffers, non-persistent ones included, are taken by name), or a state dict (for
     example from ``safetensors.torch.load_file``). Names are the original model's
     parameter names; ``attnres.*`` parameters missing from ``weights`` are created at
     their initial values (zero queries, unit gains). ``device`` defaults to the
-    weights' device. Every tensor the converted model holds must end up on a real
-    device, else nothing is changed and the error lists what is missing.
+    weights' device. Weights are cast to the converted model's dtypes, floating point
+    to floating point only.
+
+    Like ``load_state_dict(strict=True)``, names in ``weights`` that the model does not
+    have are refused (``strict=False`` ignores them); weights none of whose names match
+    are always refused. Every tensor the converted model holds must end up on a real
+    device. On any refusal nothing is changed and the error lists what is wrong.
     """
-    if not isinstance(converted, fx.GraphModule):
-        raise InvalidInputError(f"converted must be the GraphModule convert() returned, got {type(converted).__name__}")
+    from .runtime.converted import is_converted, owners
+
+    if not isinstance(converted, nn.Module) or not is_converted(converted):
+        raise InvalidInputError(
+            f"converted must be a model returned by attnres_rewrite.convert, got {type(converted).__name__}"
+        )
     source = _named_tensors(weights)
     target = _target_device(source, device)
     holders = _holders(converted)
+    _check_names(source, holders, strict)
     plan = {}  # name -> new tensor, computed in full before anything is assigned
     missing = []
     for name, current in holders.items():
@@ -50,6 +61,11 @@ def attach_weights(
             if tuple(new.shape) != tuple(current.shape):
                 raise InvalidInputError(
                     f"{name}: the weights have shape {tuple(new.shape)}, the converted model {tuple(current.shape)}"
+                )
+            if new.is_floating_point() != current.is_floating_point():
+                raise InvalidInputError(
+                    f"{name}: the weights are {new.dtype}, the converted model holds {current.dtype}; "
+                    "integer and floating-point tensors are not cast into each other"
                 )
             plan[name] = new.to(device=target, dtype=current.dtype)
         elif current.device.type != "meta":
@@ -72,30 +88,24 @@ def attach_weights(
         if id(old) not in shared:
             shared[id(old)] = nn.Parameter(tensor, old.requires_grad) if isinstance(old, nn.Parameter) else tensor
         _assign(converted, name, shared[id(old)])
-    retarget_devices(converted, target)
+    for forward in owners(converted).values():
+        forward.programs.clear()
     return converted
 
 
-def retarget_devices(gm: fx.GraphModule, device: torch.device) -> int:
-    """Replace every device constant in ``gm``'s graph by ``device``; returns how many changed.
-
-    Covers ``device=`` keyword arguments (factories, ``to``, metadata asserts) and the
-    positional device of ``aten.to.device``, like ``torch.export.passes.move_to_device_pass``
-    does for an ExportedProgram.
-    """
-    changed = 0
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if isinstance(node.kwargs.get("device"), (torch.device, str)) and node.kwargs["device"] != device:
-                node.kwargs = {**node.kwargs, "device": device}
-                changed += 1
-            if node.op == "call_function" and node.target is torch.ops.aten.to.device and node.args[1] != device:
-                node.args = (node.args[0], device, *node.args[2:])
-                changed += 1
-        module.recompile()
-    return changed
+def _check_names(source: dict[str, Tensor], holders: dict[str, Tensor], strict: bool) -> None:
+    unexpected = sorted(set(source) - set(holders))
+    if len(unexpected) == len(source):
+        shown = ", ".join(unexpected[:4])
+        raise InvalidInputError(
+            f"none of the {len(source)} weight names match the converted model (e.g. {shown}); the weights belong "
+            "to another model or carry a prefix (strip it, e.g. 'model.' from a wrapper's state dict)"
+        )
+    if unexpected and strict:
+        shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        raise InvalidInputError(
+            f"the weights hold names the converted model does not have: {shown}; pass strict=False to ignore them"
+        )
 
 
 def _named_tensors(weights: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -34,7 +34,7 @@ def test_files_and_contents(trained):
     config = json.loads((directory / CONFIG_NAME).read_text())
     assert set(config["versions"]) >= {"attnres_rewrite", "torch"}
     plan = ConversionPlan.from_dict(config["plan"])
-    assert plan == converted.attnres_plan
+    assert plan == converted.attnres.plan
     weights = load_file(directory / WEIGHTS_NAME)
     assert set(weights) == {"attnres.layers.query", "attnres.layers.key_gain"}  # only the new parameters
     torch.testing.assert_close(weights["attnres.layers.query"], converted.attnres.layers.query.detach())
@@ -44,7 +44,7 @@ def test_round_trip_on_fresh_model(trained):
     converted, inputs, directory = trained
     fresh, _ = samples.get("llama", layers=2)  # same seed -> same base weights
     loaded = ar.load_adapter(fresh, inputs, directory)
-    assert loaded.attnres_plan == converted.attnres_plan
+    assert loaded.attnres.plan == converted.attnres.plan
     ids = torch.randint(0, 97, (3, 9))
     torch.testing.assert_close(loaded(ids), converted(ids), rtol=0, atol=0)
 
@@ -52,7 +52,7 @@ def test_round_trip_on_fresh_model(trained):
 def test_different_depth_fails_naming_the_mismatch(trained):
     _, inputs, directory = trained
     deeper, _ = samples.get("llama", layers=3)
-    with pytest.raises(AdapterError, match=r"4 sublayers but the model has 6.*different depth"):
+    with pytest.raises(AdapterError, match=r"has 6 sublayers here but 4 in the plan \(different depth\)"):
         ar.load_adapter(deeper, inputs, directory)
 
 
@@ -98,7 +98,7 @@ def test_save_leaves_no_temporaries(trained, tmp_path):
 
 def test_plan_json_round_trip(trained):
     converted, _, _ = trained
-    plan = converted.attnres_plan
+    plan = converted.attnres.plan
     again = ConversionPlan.from_json(plan.to_json())
     assert again == plan
     assert again.streams[0].num_rows == 5 and again.streams[0].output_row == 4

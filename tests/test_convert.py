@@ -16,7 +16,7 @@ from torch import nn
 import attnres_rewrite as ar
 import samples
 from attnres_rewrite import reference
-from attnres_rewrite.api import convert_captured, equivalence, fresh_inputs
+from attnres_rewrite.api import convert_captured, equivalence, fresh_inputs, programs, rewritten_graphs
 from attnres_rewrite.errors import InvalidInputError, NotConvertibleError
 from attnres_rewrite.passes.capture import capture
 
@@ -90,7 +90,7 @@ def test_partitions_match_reference_stream(toy, options, mode):
     model, captured = toy
     converted = convert_captured(captured, mode=mode, **options)
     _randomise(converted)
-    (plan,) = converted.attnres_plan.streams
+    (plan,) = converted.attnres.plan.streams
     assert plan.num_sublayers == 5
     ids = _ids(3, 11)
     with torch.no_grad():
@@ -112,8 +112,13 @@ def test_partitions_match_reference_stream(toy, options, mode):
     assert plan.blocks == [[r.start, r.stop] for r in expected_blocks]
 
 
+def _calls(converted):
+    (graph,) = rewritten_graphs(converted, (_ids(),)).values()
+    return [n for n in graph.graph.nodes if n.target is BLOCK_ATTNRES]
+
+
 def _sources_per_call(converted):
-    return [len(n.args[0]) for n in converted.graph.nodes if n.target is BLOCK_ATTNRES]
+    return [len(n.args[0]) for n in _calls(converted)]
 
 
 def test_graph_has_one_aggregation_per_sublayer_and_output(toy):
@@ -126,17 +131,13 @@ def test_graph_has_one_aggregation_per_sublayer_and_output(toy):
     one = convert_captured(captured, num_blocks=1)
     assert _sources_per_call(one) == [1, 2, 2, 2, 2, 2]
     # no residual add of the original stream is left: adds that remain are partial sums
-    assert all(
-        n.meta.get("attnres", {}).get("role") in ("input", "output")
-        for n in full.graph.nodes
-        if n.target is BLOCK_ATTNRES
-    )
+    assert all(n.meta.get("attnres", {}).get("role") in ("input", "output") for n in _calls(full))
 
 
 def test_sources_order_completed_blocks_then_partial(toy):
     _, captured = toy
     converted = convert_captured(captured, num_blocks=2)
-    calls = [n for n in converted.graph.nodes if n.target is BLOCK_ATTNRES]
+    calls = _calls(converted)
     start = calls[0].args[0][0]
     for call in calls:
         assert call.args[0][0] is start  # b_0 first in every call
@@ -253,7 +254,7 @@ def test_attnres_gradients_match_naive_reference(toy, mode):
     model, captured = toy
     converted = convert_captured(captured, num_blocks=2, mode=mode)
     _randomise(converted, seed=7)
-    (plan,) = converted.attnres_plan.streams
+    (plan,) = converted.attnres.plan.streams
     params = getattr(converted.attnres, plan.name)
     ids = _ids(2, 9)
     target = torch.randn(2, 9, 50)
@@ -297,7 +298,7 @@ def test_state_dict_names_round_trip_and_reexport(toy):
     converted = convert_captured(captured, num_blocks=2)
     names = set(converted.state_dict())
     assert set(model.state_dict()) <= names
-    (plan,) = converted.attnres_plan.streams
+    (plan,) = converted.attnres.plan.streams
     assert names - set(model.state_dict()) == {plan.query, plan.key_gain}
     assert converted.get_parameter(plan.query).shape == (6, 24)
     assert torch.equal(converted.get_parameter(plan.query), torch.zeros(6, 24))
@@ -338,8 +339,8 @@ def test_meta_device_7b_llama_shape_converts_without_weights():
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).eval()
     converted = ar.convert(model, {"input_ids": torch.zeros(2, 8, dtype=torch.long)})
-    (plan,) = converted.attnres_plan.streams
-    assert any(n.startswith("sampled trace: traced layers 0, 1 and the last") for n in converted.attnres_plan.notes)
+    (plan,) = converted.attnres.plan.streams
+    assert any(n.startswith("sampled trace: traced layers 0, 1 and the last") for n in converted.attnres.plan.notes)
     assert plan.num_sublayers == 64 and plan.num_blocks == 8 and plan.dim == 4096
     assert plan.sublayers[2 * 17 : 2 * 17 + 2] == ["model.layers.17.self_attn", "model.layers.17.mlp"]
     assert all(p.device.type == "meta" for p in converted.parameters())
@@ -356,7 +357,7 @@ def test_meta_model_gets_real_weights_by_name():
     converted = ar.convert(meta, (_ids(),), num_blocks=2, mode="exact")
     assert all(p.device.type == "meta" for p in converted.parameters())
     state = dict(real.state_dict())
-    (plan,) = converted.attnres_plan.streams
+    (plan,) = converted.attnres.plan.streams
     state[plan.query] = torch.zeros(4, 24)
     state[plan.key_gain] = torch.ones(4, 24)
     converted.load_state_dict(state, assign=True)
@@ -366,20 +367,21 @@ def test_meta_model_gets_real_weights_by_name():
 
 
 # --------------------------------------------------------------------------------------
-# size-1 example axes
+# size-1 example axes and new call signatures
 
 
-def test_batch_one_sequence_one_example_gives_a_dynamic_graph():
-    """torch.export fixes size-1 axes; capture traces them at size 2 so other sizes still work."""
+def test_batch_one_sequence_one_example_then_other_sizes():
+    """torch.export fixes size-1 axes: such calls get their own program, other sizes share another."""
     torch.manual_seed(0)
     model = ToyPreNorm(layers=2).eval()
     converted = ar.convert(model, (_ids(1, 1),), mode="exact")
-    (note,) = [n for n in converted.attnres_plan.notes if "size 1 on" in n]
-    assert "argument 0 axis 0, argument 0 axis 1" in note
     with torch.no_grad():
-        for shape in [(1, 1), (3, 1), (1, 6), (4, 9)]:
+        for shape in [(1, 1), (3, 1), (1, 6), (4, 9), (2, 3)]:
             ids = _ids(*shape)
             torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-5)
+    (captured,) = programs(converted).values()
+    # buckets: (1,1), (>=2,1), (1,>=2), (>=2,>=2): the last two shapes share one program
+    assert sorted(p.signature for p in captured) == ["0[1, 1]", "0[1, 6]", "0[3, 1]", "0[4, 9]"]
 
 
 class OneTokenAtATime(ToyPreNorm):
@@ -389,11 +391,13 @@ class OneTokenAtATime(ToyPreNorm):
         return super().forward(ids)
 
 
-def test_model_that_needs_size_one_is_traced_at_the_example_shape():
+def test_model_that_needs_size_one_keeps_its_own_error_for_other_sizes():
     torch.manual_seed(0)
     model = OneTokenAtATime(layers=2).eval()
     converted = ar.convert(model, (_ids(1, 1),), mode="exact")
-    assert any(n.startswith("dynamic batch/sequence trace failed (ValueError") for n in converted.attnres_plan.notes)
-    ids = _ids(1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-5)
+        for batch in (1, 3):
+            ids = _ids(batch, 1)
+            torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-5)
+        with pytest.raises(InvalidInputError, match="one token at a time"):
+            converted(_ids(2, 4))

@@ -47,4 +47,4 @@ def test_readme_python_usage_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert (tmp_path / "out" / "llama.onnx").is_file()
-    assert namespace["restored"].attnres_plan == namespace["converted"].attnres_plan
+    assert namespace["restored"].attnres.plan == namespace["converted"].attnres.plan

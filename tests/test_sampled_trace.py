@@ -135,7 +135,7 @@ def test_sampled_trace_equals_full_trace_on_hf_models(name):
     assert _streams(sampled) == _streams(full)
     a = convert_captured(full, mode="exact", num_blocks=3)
     b = convert_captured(sampled, mode="exact", num_blocks=3)
-    assert [asdict(s) for s in a.attnres_plan.streams] == [asdict(s) for s in b.attnres_plan.streams]
+    assert [asdict(s) for s in a.attnres.plan.streams] == [asdict(s) for s in b.attnres.plan.streams]
     assert sorted(a.state_dict()) == sorted(b.state_dict())
     fresh = fresh_inputs(inputs, seq_delta=0 if name == "vit" else 3)
     for x, y in zip(_tensors(_call(a, fresh)), _tensors(_call(b, fresh)), strict=True):
@@ -159,7 +159,7 @@ def test_sequential_stack_is_sampled():
     captured = capture(model, inputs, trace_depth="sampled")
     assert any(n.startswith(SAMPLED) for n in captured.notes)
     converted = convert_captured(captured, mode="exact")
-    assert converted.attnres_plan.streams[0].num_sublayers == 6
+    assert converted.attnres.plan.streams[0].num_sublayers == 6
     ids = torch.randint(0, 50, (3, 4))
     torch.testing.assert_close(_call(converted, (ids,)), _call(model, (ids,)), rtol=1e-5, atol=1e-5)
 
@@ -170,7 +170,7 @@ def test_every_take_of_the_module_is_stitched():
     captured = capture(model, inputs, trace_depth="sampled")
     first = convert_captured(captured, mode="exact", num_blocks=2)
     second = convert_captured(captured, mode="exact", num_blocks=3)
-    assert first.attnres_plan.streams[0].num_sublayers == second.attnres_plan.streams[0].num_sublayers == 6
+    assert first.attnres.plan.streams[0].num_sublayers == second.attnres.plan.streams[0].num_sublayers == 6
     ids = torch.randint(0, 50, (1, 9))
     torch.testing.assert_close(_call(second, (ids,)), _call(model, (ids,)), rtol=1e-5, atol=1e-5)
 
@@ -283,7 +283,7 @@ def test_meta_conversion_then_real_weights_equals_converting_the_real_model():
         warnings.simplefilter("ignore")
         on_meta = ar.convert(meta, inputs, num_blocks=3, mode="exact")
         reference = ar.convert(real, inputs, num_blocks=3, mode="exact", trace_depth="full")
-    assert any(n.startswith(SAMPLED) for n in on_meta.attnres_plan.notes)
+    assert any(n.startswith(SAMPLED) for n in on_meta.attnres.plan.notes)
     assert all(p.device.type == "meta" for p in on_meta.parameters())
     ar.attach_weights(on_meta, real)
     assert not any(t.device.type == "meta" for t in (*on_meta.parameters(), *on_meta.buffers()))

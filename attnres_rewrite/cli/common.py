@@ -84,11 +84,16 @@ def load_model(spec: str, *, batch: int | None, seq_len: int | None, seed: int) 
 def convert(resolved: ResolvedModel, options: ConversionOptions) -> nn.Module:
     api = backend("api")
     with output.step("Converting residual streams"):
-        # convert shares the original's parameters (no copy), so resolved.model stays the reference
+        # convert works on a copy, so resolved.model stays the unconverted reference
         converted = api.convert(resolved.model, resolved.example_inputs, **options.kwargs())
-    for line in getattr(converted.attnres_plan, "notes", []):
+    for line in plan_of(converted).notes:
         output.note(line)
     return converted
+
+
+def plan_of(converted: nn.Module):
+    """The conversion plan a converted model carries (``converted.attnres.plan``)."""
+    return backend("api").plan_of(converted)
 
 
 def check_adapter_dir(directory: Path) -> None:
@@ -156,7 +161,7 @@ def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int) -> dic
 
 def plan_summary(converted: nn.Module) -> dict[str, Any]:
     """The report fields describing what was converted: counts plus the per-stream partition."""
-    plan = converted.attnres_plan
+    plan = plan_of(converted)
     streams = [
         {"name": s.name, "kind": s.kind, "sublayers": s.num_sublayers, "blocks": s.blocks, "eps": s.eps}
         for s in plan.streams

@@ -329,6 +329,22 @@ def _cached_registry(opset: int):
         return None
 
 
+def _warm_up(model, args, kwargs) -> None:
+    """Run a converted model once on the example, so the program of this call exists before export traces it.
+
+    A converted model captures a program per call signature on first use; it cannot do
+    that while ``torch.export`` traces it with fake tensors.
+    """
+    from ..runtime.converted import is_converted
+
+    if is_converted(model):
+        with torch.no_grad():
+            try:
+                model(*args, **kwargs)
+            except Exception as exc:  # the model's own error on its example is the user's to see
+                raise ExportError(f"the converted model fails on the example inputs: {_short(exc)}") from exc
+
+
 def _capture(model, args, kwargs, dynamic_shapes):
     """``torch.export`` the model ourselves (the exporter's own first step).
 
@@ -458,6 +474,7 @@ def export_onnx(
     try:
         start = time.perf_counter()
         step("capture")
+        _warm_up(model, args, kwargs)
         exported = _capture(model, args, kwargs, dynamic_shapes)
         attnres_ops = sum(count_ops(exported.graph_module).values())
         if attnres_ops == 0:

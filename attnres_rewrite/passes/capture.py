@@ -5,15 +5,20 @@ Why ``torch.export``: it gives one flat aten graph with the original parameter n
 model whose weights live on the ``meta`` device traces without allocating them) and
 its unlifted module is an ordinary trainable ``GraphModule``.
 
-Batch and sequence axes are marked ``Dim.AUTO`` from the start, so the converted model
-accepts other batch sizes and sequence lengths than the example; axes the model pins
-(an image size, a mel-bin count) simply stay static.
+The model is traced through a forward that takes only the call's tensors
+(:class:`~.call_inputs.CallInputs`), so every tensor axis can be marked dynamic
+whatever the forward's signature (``**kwargs`` included) and containers such as a
+Hugging Face cache are rebuilt inside the trace instead of being mutated. Axes are
+``Dim.AUTO``: those the model pins (a head count, an image size) become static, and the
+exported program's guards say which (the converted model checks them per call and
+captures again where a call does not fit).
 """
 
 from __future__ import annotations
 
-import inspect as _inspect
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,20 +27,35 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import InvalidInputError, TraceError
+from .call_inputs import CallInputs
 from .sampled_trace import NotSampleable, RepeatedStack, find_repeated_stacks, sampled_layers, stitch
 
-__all__ = ["Captured", "capture", "normalize_inputs", "dynamic_axes", "dynamic_shapes_for", "TRACE_DEPTHS"]
+__all__ = [
+    "Captured",
+    "capture",
+    "capture_call",
+    "normalize_inputs",
+    "dynamic_axes",
+    "capture_axes",
+    "prefix_module_paths",
+    "TRACE_DEPTHS",
+]
 
 TRACE_DEPTHS = ("auto", "full", "sampled")
 
 
 @dataclass
 class Captured:
-    """The traced model: the exported program and its unlifted, trainable module."""
+    """The traced model: the exported program and its unlifted, trainable module.
+
+    The graph's placeholders are ``inputs.tensors`` in order; ``program.call_spec.out_spec``
+    rebuilds the model's output structure from the graph's outputs.
+    """
 
     model: nn.Module
     args: tuple
     kwargs: dict
+    inputs: CallInputs
     program: torch.export.ExportedProgram
     module: torch.fx.GraphModule
     dynamic: bool = True
@@ -99,27 +119,51 @@ def dynamic_axes(t: Any) -> dict[int, Any] | None:
     return dims
 
 
-def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Build the ``dynamic_shapes`` argument matching ``(args, kwargs)``."""
-    spec_args = pytree.tree_map(dynamic_axes, args, is_leaf=lambda x: x is None)
-    spec_kwargs = {k: pytree.tree_map(dynamic_axes, v, is_leaf=lambda x: x is None) for k, v in kwargs.items()}
-    if not kwargs:
-        return tuple(spec_args)
+def capture_axes(t: Tensor) -> dict[int, Any]:
+    """Axes a capture marks ``Dim.AUTO``: every axis but the feature (last) axis of a float tensor.
+
+    Integer and boolean tensors (token ids, masks, positions) are dynamic throughout;
+    floats keep their last axis, the feature size the weights fix anyway. A KV cache
+    ``(B, H, T, D)`` then has a dynamic batch and length; axes the model pins become
+    static in the trace and are checked by the program's guards.
+    """
+    from torch.export import Dim
+
+    last = t.dim() - 1 if t.is_floating_point() and t.dim() >= 2 else t.dim()
+    return {axis: Dim.AUTO for axis in range(last)}
+
+
+@contextmanager
+def tensor_forward(model: nn.Module, inputs: CallInputs) -> Iterator[None]:
+    """Within the block, ``model.forward`` takes the call's tensors only and rebuilds the rest.
+
+    The forward it wraps is the model's own (an instance override a converted model
+    installs unwraps to the class's forward, see :mod:`attnres_rewrite.runtime`).
+    """
+    had = "forward" in vars(model)
+    saved = vars(model).get("forward")
+    inner = getattr(saved, "original_forward", None) or model.forward
+
+    def forward(*tensors: Tensor) -> Any:
+        args, kwargs = inputs.rebuild(tensors)
+        return inner(*args, **kwargs)
+
+    object.__setattr__(model, "forward", forward)
     try:
-        names = list(_inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        names = []
-    if len(names) < len(args):
-        raise InvalidInputError("cannot mix positional and keyword example inputs for a forward taking *args")
-    out = {names[i]: spec_args[i] for i in range(len(args))}
-    out.update(spec_kwargs)
-    return out
+        yield
+    finally:
+        if had:
+            object.__setattr__(model, "forward", saved)
+        else:
+            object.__delattr__(model, "forward")
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
-    with warnings.catch_warnings():
+def _export(model: nn.Module, inputs: CallInputs, dynamic: bool) -> torch.export.ExportedProgram:
+    tensors = inputs.tensors
+    shapes = (tuple(capture_axes(t) for t in tensors),) if dynamic else None
+    with warnings.catch_warnings(), tensor_forward(model, inputs):
         warnings.simplefilter("ignore")
-        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        return torch.export.export(model, tensors, strict=False, dynamic_shapes=shapes)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -128,7 +172,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, trace_depth: str = "auto") -> Captured:
-    """Export ``model`` on ``example_inputs`` with dynamic batch/sequence axes.
+    """Export ``model`` on ``example_inputs`` with dynamic axes (see :func:`capture_axes`).
 
     Falls back to static shapes when the dynamic trace fails (the result then only
     accepts the example's shapes; a note says so). Raises :class:`InvalidInputError`
@@ -146,95 +190,71 @@ def capture(model: nn.Module, example_inputs: Any, *, dynamic: bool = True, trac
     if trace_depth not in TRACE_DEPTHS:
         raise InvalidInputError(f"trace_depth must be one of {', '.join(TRACE_DEPTHS)}, got {trace_depth!r}")
     args, kwargs = normalize_inputs(example_inputs)
+    return capture_call(model, args, kwargs, dynamic=dynamic, trace_depth=trace_depth)
+
+
+def capture_call(
+    model: nn.Module, args: tuple, kwargs: dict, *, dynamic: bool = True, trace_depth: str = "auto"
+) -> Captured:
+    """:func:`capture` of one call ``model(*args, **kwargs)`` as it was made (no input checks beyond types)."""
+    inputs = CallInputs.of(args, kwargs)
     notes: list[str] = []
-    if model.training:
-        note = (
-            "traced in training mode: dropout and other train-time behaviour are fixed into the graph, "
-            "and .eval() on the result will not turn them off (call model.eval() before converting)"
-        )
-        notes.append(note)
-        warnings.warn(note, UserWarning, stacklevel=3)
     if trace_depth == "sampled" or (trace_depth == "auto" and _on_meta(model)):
         stacks = find_repeated_stacks(model)
         if stacks:
-            captured = _capture_sampled(model, args, kwargs, dynamic, stacks, notes)
+            captured = _capture_sampled(model, args, kwargs, inputs, dynamic, stacks, notes)
             if captured is not None:
                 return captured
-    program, dynamic = _trace(model, args, kwargs, dynamic, notes)
-    return Captured(model, args, kwargs, program, program.module(), dynamic, notes)
+    program, dynamic = _trace(model, args, kwargs, inputs, dynamic, notes)
+    return Captured(model, args, kwargs, inputs, program, program.module(), dynamic, notes)
 
 
 def _on_meta(model: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
 
 
-def _trace(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, notes: list[str]):
+def _trace(model: nn.Module, args: tuple, kwargs: dict, inputs: CallInputs, dynamic: bool, notes: list[str]):
     """``torch.export`` with dynamic axes, then static ones; returns ``(program, dynamic)``."""
     first_error: BaseException | None = None
     if dynamic:
-        wide_args, wide_kwargs, widened = widen_unit_axes(args, kwargs)
         try:
-            program = _export(model, wide_args, wide_kwargs, dynamic_shapes_for(model, wide_args, wide_kwargs))
+            return _export(model, inputs, True), True
         except (InvalidInputError, NotSampleable):
             raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             first_error = exc
-        else:
-            if widened:
-                notes.append(
-                    f"the example has size 1 on {', '.join(widened)}, which torch.export would fix to 1; traced with "
-                    "those axes repeated to size 2 so the converted model accepts any size there"
-                )
-            return program, True
     try:
-        program = _export(model, args, kwargs, None)
+        program = _export(model, inputs, False)
+    except (InvalidInputError, NotSampleable):
+        raise
     except Exception as exc:  # noqa: BLE001
         _raise_trace_error(model, args, kwargs, first_error or exc)
     if dynamic:
         notes.append(
-            f"dynamic batch/sequence trace failed ({_first_line(first_error)}); traced with static shapes, "
-            "the converted model only accepts the example's shapes"
+            f"dynamic trace failed ({_first_line(first_error)}); traced with static shapes, so each new input "
+            "shape is captured again"
         )
     return program, False
 
 
-def widen_unit_axes(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
-    """The example with every size-1 dynamic axis repeated to size 2, and the axes widened.
-
-    ``torch.export`` specialises a size-1 (or 0) axis to that constant even under
-    ``Dim.AUTO``, so a batch-1 example would give a graph that only takes batch 1.
-    Repeating the slice keeps the values valid inputs (token ids, masks, features).
-    """
-    widened: list[str] = []
-
-    def widen(label: str, tree: Any) -> Any:
-        def one(path, t: Any) -> Any:
-            dims = dynamic_axes(t)
-            for axis in dims or ():
-                if t.shape[axis] == 1:
-                    t = torch.cat([t, t], dim=axis)
-                    widened.append(f"{label}{pytree.keystr(path)} axis {axis}")
-            return t
-
-        return pytree.tree_map_with_path(one, tree)
-
-    wide_args = tuple(widen(f"argument {i}", a) for i, a in enumerate(args))
-    wide_kwargs = {k: widen(k, v) for k, v in kwargs.items()}
-    return wide_args, wide_kwargs, widened
-
-
 def _capture_sampled(
-    model: nn.Module, args: tuple, kwargs: dict, dynamic: bool, stacks: list[RepeatedStack], notes: list[str]
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    inputs: CallInputs,
+    dynamic: bool,
+    stacks: list[RepeatedStack],
+    notes: list[str],
 ) -> Captured | None:
     """Trace with the middle layers skipped and stitch; None (and a note) when that is not sound."""
     names = ", ".join(f"{s.path} ({s.depth} layers)" for s in stacks)
     attempt: list[str] = []
     try:
         with sampled_layers(model, stacks) as recorder:
-            program, traced_dynamic = _trace(model, args, kwargs, dynamic, attempt)
+            program, traced_dynamic = _trace(model, args, kwargs, inputs, dynamic, attempt)
         recorder.check(stacks)
         module = stitch(program.module(), stacks)
-        _check_outputs(model, module, args, kwargs)
+        _check_outputs(model, module, inputs)
     except NotSampleable as exc:
         notes.append(f"sampled trace of {names} not used ({exc}); traced every layer")
         return None
@@ -246,16 +266,16 @@ def _capture_sampled(
         f"sampled trace: traced layers 0, 1 and the last of {names} and replicated layer 1's graph for the others "
         "(trace_depth='full' traces every layer)"
     )
-    return Captured(model, args, kwargs, program, module, traced_dynamic, notes, sampled=list(stacks))
+    return Captured(model, args, kwargs, inputs, program, module, traced_dynamic, notes, sampled=list(stacks))
 
 
-def _check_outputs(model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_outputs(model: nn.Module, module: nn.Module, inputs: CallInputs) -> None:
     """With real weights, the stitched graph must compute what the model computes on the example."""
     if model.training or _on_meta(model):
         return  # dropout makes runs differ; meta tensors hold no values
-    with torch.no_grad():
-        want = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
-        got = [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, Tensor)]
+    with torch.no_grad(), tensor_forward(model, inputs):
+        want = [t for t in pytree.tree_leaves(model(*inputs.tensors)) if isinstance(t, Tensor)]
+        got = [t for t in pytree.tree_leaves(module(*inputs.tensors)) if isinstance(t, Tensor)]
     if len(want) != len(got):
         raise NotSampleable("the stitched graph returns another number of tensors than the model")
     for a, b in zip(want, got):
@@ -272,8 +292,8 @@ def _check_outputs(model: nn.Module, module: nn.Module, args: tuple, kwargs: dic
 def _raise_trace_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> None:
     """Tell a wrong example input apart from an untraceable model, and say what to try."""
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
+        with torch.no_grad(), tensor_forward(model, CallInputs.of(args, kwargs)):
+            model(*CallInputs.of(args, kwargs).tensors)
     except Exception as eager:  # noqa: BLE001
         raise InvalidInputError(
             f"the model fails on the example inputs even without tracing ({_first_line(eager)}); "
@@ -285,3 +305,20 @@ def _raise_trace_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExc
         "disable caches (use_cache=False), replace data-dependent branches with torch.cond/torch.where, or wrap "
         "the traceable core of the model in its own nn.Module and convert that."
     ) from exc
+
+
+def prefix_module_paths(gm: torch.fx.GraphModule, prefix: str) -> None:
+    """Make the ``nn_module_stack`` paths of a submodule's trace paths of the whole model.
+
+    A converted model traces the module that owns a stream (``model.model`` of a
+    language model), so its graph names modules relative to it; detection names streams
+    and sublayers by path, and a plan holds whole-model paths.
+    """
+    if not prefix:
+        return
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (f"{prefix}.{value[0]}" if value[0] else prefix, *value[1:]) for key, value in stack.items()
+            }

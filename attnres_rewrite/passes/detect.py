@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
 
-__all__ = ["Sublayer", "Stream", "Detection", "detect"]
+__all__ = ["Sublayer", "Stream", "Detection", "detect", "stream_owner"]
 
 # Ops that keep the identity of a stream value (same shape; dtype may change).
 _SEE_THROUGH = {
@@ -545,6 +545,30 @@ def _has_conv(g: _Graph, sublayers: list[Sublayer], states: list[Node]) -> bool:
             if n.op == "call_function" and n.target in _CONV_OPS:
                 return True
     return False
+
+
+def stream_owner(stream: Stream) -> str:
+    """Path of the innermost module call that holds the whole stream: its start, adds, branches and readers.
+
+    A converted model runs the stream by replacing that module's forward, so every way
+    into the stream (a language model's ``model.model``, the ``encoder`` an
+    encoder-decoder's ``generate`` calls on its own) goes through the conversion, and
+    what lies outside it (a language-model head, a loss) runs as the model wrote it.
+    """
+    chain = set(stream.states[1:])
+    nodes = [*stream.states[1:], *(s.value for s in stream.sublayers)]
+    nodes += [u for u in stream.states[-1].users if u not in chain and u.op != "output"]
+    if stream.start.op != "placeholder":
+        nodes.append(stream.start)
+    stacks = [list((n.meta.get("nn_module_stack") or {}).items()) for n in nodes]
+    common = []
+    for entries in zip(*stacks):
+        if any(e != entries[0] for e in entries):
+            break
+        common.append(entries[0])
+    if any(not stack for stack in stacks) or not common:
+        return ""
+    return common[-1][1][0]
 
 
 def detect(gm: GraphModule, model: nn.Module | None = None) -> Detection:

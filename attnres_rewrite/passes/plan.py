@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..reference import DEFAULT_EPS, MODES, block_partition
 
-__all__ = ["StreamPlan", "ConversionPlan", "PLAN_FORMAT", "make_stream_plan"]
+__all__ = ["StreamPlan", "ConversionPlan", "PLAN_FORMAT", "make_stream_plan", "plan_mismatch"]
 
 PLAN_FORMAT = 1
 
@@ -44,6 +44,7 @@ class StreamPlan:
     query: str  # parameter names
     key_gain: str
     feature_axis: int = -1  # 1: channel-first (B, C, H, W) stream, aggregated on a channels-last view
+    owner: str | None = None  # path of the module whose forward holds the whole stream ("" = the model itself)
 
     @property
     def num_sublayers(self) -> int:
@@ -130,7 +131,9 @@ def resolve_partition(
     return [[r.start, r.stop] for r in block_partition(num_sublayers, num_blocks, block_size)]
 
 
-def make_stream_plan(stream, *, num_blocks, block_size, full, eps: float | None) -> StreamPlan:
+def make_stream_plan(
+    stream, *, num_blocks, block_size, full, eps: float | None, owner: str | None = None
+) -> StreamPlan:
     """Plan one detected stream (a :class:`~.detect.Stream`)."""
     rows = {state: row for row, state in enumerate(stream.input_states)}
     chosen_eps = eps if eps is not None else (stream.eps if stream.eps is not None else DEFAULT_EPS)
@@ -146,7 +149,36 @@ def make_stream_plan(stream, *, num_blocks, block_size, full, eps: float | None)
         query=f"attnres.{stream.name}.query",
         key_gain=f"attnres.{stream.name}.key_gain",
         feature_axis=stream.feature_axis,
+        owner=owner,
     )
+
+
+def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
+    """Why ``plan`` does not fit the streams ``detection`` found, or None when every planned stream is there.
+
+    Each planned stream must be found, convertible, with the same sublayers (module
+    paths, in order), feature size and shared inputs. Used when an adapter is applied
+    to a freshly built model and whenever a converted model captures a new call.
+    """
+    found = {s.name: s for s in detection.streams}
+    for sp in plan.streams:
+        s = found.get(sp.name)
+        if s is None:
+            return f"the model has no residual stream {sp.name!r} (found: {', '.join(sorted(found)) or 'none'})"
+        if not s.convertible:
+            return f"stream {sp.name!r} is not convertible here: {s.reason}"
+        paths = [x.module_path for x in s.sublayers]
+        if len(paths) != sp.num_sublayers:
+            return f"stream {sp.name!r} has {len(paths)} sublayers here but {sp.num_sublayers} in the plan (different depth)"
+        if paths != sp.sublayers:
+            i = next(i for i, (a, b) in enumerate(zip(paths, sp.sublayers)) if a != b)
+            return f"stream {sp.name!r}: sublayer {i} is {paths[i]!r} here but {sp.sublayers[i]!r} in the plan"
+        if s.dim != sp.dim:
+            return f"stream {sp.name!r}: feature size {s.dim} here, {sp.dim} in the plan"
+        rows = {state: r for r, state in enumerate(s.input_states)}
+        if [rows[x.reads] for x in s.sublayers] != sp.inputs:
+            return f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)"
+    return None
 
 
 def check_mode(mode: str) -> None:

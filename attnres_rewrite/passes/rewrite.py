@@ -16,7 +16,12 @@ The original residual adds become dead and are removed. ``query``/``key_gain`` r
 are selected in the graph (``aten.select``) from ``(A+1, d)`` parameters of the
 ``attnres`` submodule, so the rewritten module stays a plain trainable GraphModule
 that ``torch.export`` can trace again. New nodes carry ``meta["attnres"]`` (stream,
-row, role, block) for the compile lowering.
+row, role, block) for the compile lowering, and an ``nn_module_stack`` that places them
+in the layer they belong to: an input aggregation and a partial sum in the module that
+holds the sublayer's residual add, the stream-output aggregation in the module that
+holds the whole stream. :mod:`.outline` cuts the graph into per-layer calls by that
+metadata, so what crosses a layer boundary is the Block AttnRes state (completed
+blocks and the partial sum), and ``torch.export.unflatten`` can do the same.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .plan import ConversionPlan, StreamPlan
 
 aten = torch.ops.aten
 
-__all__ = ["AttnResParameters", "StreamParameters", "rewrite"]
+__all__ = ["AttnResParameters", "StreamParameters", "make_parameters", "rewrite"]
 
 
 class StreamParameters(nn.Module):
@@ -52,7 +57,17 @@ class StreamParameters(nn.Module):
 
 
 class AttnResParameters(nn.Module):
-    """The ``attnres`` submodule: one :class:`StreamParameters` child per converted stream."""
+    """The ``attnres`` submodule: one :class:`StreamParameters` child per converted stream.
+
+    It also carries the conversion: ``plan`` (the :class:`~.plan.ConversionPlan`) and
+    ``trace_depth`` (how new call signatures are captured), plain attributes that are
+    not part of the state dict.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plan: ConversionPlan | None = None
+        self.trace_depth = "auto"
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -61,11 +76,12 @@ class AttnResParameters(nn.Module):
 
 
 class _Cursor:
-    """Insert nodes one after another, starting after ``node``."""
+    """Insert nodes one after another, starting after ``node``; ``stack`` is their ``nn_module_stack``."""
 
     def __init__(self, graph: torch.fx.Graph, node: Node) -> None:
         self.graph, self.node = graph, node
         self.created: set[Node] = set()
+        self.stack: dict | None = None
 
     def call(self, target, args, meta: dict | None = None) -> Node:
         with self.graph.inserting_after(self.node):
@@ -82,6 +98,8 @@ class _Cursor:
     def _done(self, new: Node, meta: dict | None) -> None:
         if meta:
             new.meta.update(meta)
+        if self.stack is not None and new.op != "get_attr":
+            new.meta["nn_module_stack"] = dict(self.stack)
         self.created.add(new)
         self.node = new
 
@@ -152,8 +170,24 @@ def _reshape_like(cur: _Cursor, x: Node, like: Node) -> Node:
     return cur.call(aten.reshape.default, (x, sizes))
 
 
+def _stack(node: Node) -> dict:
+    return dict(node.meta.get("nn_module_stack") or {})
+
+
+def _common_stack(nodes: list[Node]) -> dict:
+    """The module calls every node in ``nodes`` is inside (outermost first)."""
+    stacks = [list(_stack(n).items()) for n in nodes]
+    common = []
+    for entries in zip(*stacks):
+        if any(e != entries[0] for e in entries):
+            break
+        common.append(entries[0])
+    return dict(common)
+
+
 def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str) -> set[Node]:
     graph = gm.graph
+    owner_stack = _common_stack([s.add for s in stream.sublayers])
     states = stream.states
     state_of_add = {n: k for k, n in enumerate(states)}
     added_at: dict[int, list[int]] = {}
@@ -170,9 +204,13 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
     completed: list[Node] = [stream.start]
     partial: Node | None = None
     created: set[Node] = set()
+    readers: dict[int, int] = {}
+    for l, sub in enumerate(stream.sublayers):
+        readers.setdefault(sub.reads, l)
     for j, state in enumerate(states):
         cur = _Cursor(graph, _insertion_point(state))
         for l in added_at.get(j, []):
+            cur.stack = _stack(stream.sublayers[l].add)
             v = _reshape_like(cur, stream.sublayers[l].value, stream.start)
             if partial is None:
                 partial = v
@@ -190,6 +228,7 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
         if j == len(states) - 1:
             aggregations.append((plan.output_row, "output"))
         for row, role in aggregations:
+            cur.stack = _stack(stream.sublayers[readers[j]].add) if role == "input" else owner_stack
             sources = completed + ([partial] if partial is not None else [])
             info = {"role": role, "block": len(completed)}
             h = _aggregate(cur, sources, plan, row, mode, stream.start, info, channels_last)
@@ -214,19 +253,34 @@ def _remove_dead(graph: torch.fx.Graph, roots: list[Node]) -> None:
         todo.extend(inputs)
 
 
-def rewrite(gm: GraphModule, detection: Detection, plan: ConversionPlan) -> GraphModule:
-    """Apply ``plan`` to ``gm`` (whose graph ``detection`` was computed on); returns a new GraphModule.
+def make_parameters(
+    plan: ConversionPlan, detection: Detection | None = None, *, like: torch.Tensor | None = None
+) -> AttnResParameters:
+    """The ``attnres`` module for ``plan``: per stream, zero queries and unit gains.
 
-    ``gm``'s graph is consumed (reused by the result). Original parameters keep their
-    names; the AttnRes parameters live under ``attnres.<stream>.{query,key_gain}``.
+    In the dtype and on the device of the stream as ``detection`` traced it, else of
+    ``like`` (a parameter of the model, when an adapter is applied without a trace).
     """
-    by_name = {s.name: s for s in detection.streams}
+    by_name = {s.name: s for s in detection.streams} if detection is not None else {}
     params = AttnResParameters()
     for sp in plan.streams:
-        val = by_name[sp.name].start.meta.get("val")
+        stream = by_name.get(sp.name)
+        val = stream.start.meta.get("val") if stream is not None else like
         device = val.device if isinstance(val, torch.Tensor) else None
-        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        dtype = val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else torch.float32
         params.add_module(sp.name, StreamParameters(sp.num_rows, sp.dim, dtype, device))
+    return params
+
+
+def rewrite(gm: GraphModule, detection: Detection, plan: ConversionPlan, params: AttnResParameters) -> GraphModule:
+    """Apply ``plan`` to ``gm`` (whose graph ``detection`` was computed on), in place; returns ``gm``.
+
+    Original parameters keep their names; the graph reads the AttnRes parameters as
+    ``attnres.<stream>.{query,key_gain}`` (``params`` is registered as ``gm.attnres``
+    so the graph lints; a converted model resolves those names on its own ``attnres``).
+    Only the streams of ``plan`` are rewritten; ``detection`` may hold more.
+    """
+    by_name = {s.name: s for s in detection.streams}
     gm.add_module("attnres", params)
     dead: list[Node] = []
     for sp in plan.streams:
@@ -235,6 +289,5 @@ def rewrite(gm: GraphModule, detection: Detection, plan: ConversionPlan) -> Grap
         dead.extend(stream.states[1:])
     _remove_dead(gm.graph, dead)
     gm.graph.lint()
-    out = GraphModule(gm, gm.graph, class_name="AttnResModel")
-    out.attnres = params  # keep the typed container (GraphModule copies plain modules); code is unchanged
-    return out
+    gm.recompile()
+    return gm

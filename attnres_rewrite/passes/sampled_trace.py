@@ -123,9 +123,16 @@ def _signature(layer: nn.Module) -> tuple:
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in mod.named_parameters(recurse=False))
         buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in mod.named_buffers(recurse=False))
         hooks = tuple(tuple(id(getattr(h, "__func__", h)) for h in getattr(mod, d).values()) for d in _HOOK_DICTS)
-        forward = id(getattr(vars(mod).get("forward"), "__func__", vars(mod).get("forward")))
+        forward = _forward_key(vars(mod).get("forward"))
         parts.append((path, type(mod), mod.training, attrs, params, buffers, hooks, forward))
     return tuple(parts)
+
+
+def _forward_key(forward: Any) -> Any:
+    """An instance ``forward`` override by identity; a converted model's layer overrides are all alike."""
+    if getattr(forward, "is_attnres_forward", False):
+        return type(forward).__qualname__
+    return id(getattr(forward, "__func__", forward))
 
 
 def find_repeated_stacks(model: nn.Module, min_depth: int = MIN_DEPTH) -> list[RepeatedStack]:

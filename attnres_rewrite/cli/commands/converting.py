@@ -49,7 +49,7 @@ def run(
         "max_rel_diff": max_rel,
         "check_input_shapes": check["input_shapes"],
         "outputs_finite": check["finite"],
-        "notes": list(getattr(converted.attnres_plan, "notes", [])),
+        "notes": list(common.plan_of(converted).notes),
         "adapter": str(out),
         "files": [*common.ADAPTER_FILES, "report.json"],
         "attnres_version": __version__,

@@ -65,7 +65,7 @@ def run(
             equivalence["max_rel"],
             equivalence["max_ref"],
             atol if atol is not None else 0.0,
-            rtol if rtol is not None else _adapter_rtol(adapter, converted.attnres_plan.mode),
+            rtol if rtol is not None else _adapter_rtol(adapter, common.plan_of(converted).mode),
         )
     )
     if onnx_path is not None:

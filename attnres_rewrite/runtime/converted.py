@@ -1,0 +1,403 @@
+"""The converted model at run time: the user's own model, with the streams' owners dispatching.
+
+Conversion leaves the model's class, attributes, submodules and parameters as they
+are. It adds the ``attnres`` submodule (queries, key-norm gains, the plan) and replaces
+the ``forward`` of each module that owns a converted stream (``model.model`` of a
+Hugging Face causal LM, the ``encoder`` and ``decoder`` of T5, the model itself for a
+hand-written one) by a :class:`ConvertedForward` instance attribute. Everything
+outside those modules (a language-model head, the loss, ``generate``) runs the model's
+own Python.
+
+A :class:`ConvertedForward` keys each call by its signature (argument structure,
+plain values, per tensor dtype, device, rank and 0/1/many sizes, and the module's
+train/eval flags and parameter dtypes and devices). The first call of a signature is
+captured with ``torch.export``, checked against the plan, rewritten and outlined into a
+:class:`~.program.Program`; later calls whose shapes pass the program's guards reuse it.
+Layers (members of the owner's ``nn.ModuleList``) are still called as modules: their
+``forward`` becomes a :class:`LayerForward` that runs the layer's part of the program
+when the program calls it, and the layer's own code otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+import logging
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..errors import AttnResError, NotConvertibleError, TraceError
+from ..passes.call_inputs import CallInputs
+from ..passes.capture import Captured, capture_axes, capture_call, prefix_module_paths
+from ..passes.detect import Detection, detect
+from ..passes.outline import Outline, layer_paths, outline
+from ..passes.plan import ConversionPlan, plan_mismatch
+from ..passes.rewrite import AttnResParameters, rewrite
+from .caches import hand_back_caches
+from .program import LayerProgram, Program
+
+__all__ = ["ConvertedForward", "LayerForward", "ProgramCache", "tracing", "install", "owners", "is_converted"]
+
+log = logging.getLogger("attnres_rewrite")
+
+#: Programs kept per call kind before the oldest is dropped (each costs a capture to rebuild).
+MAX_PROGRAMS_PER_KIND = 8
+
+_TRACING = [0]  # > 0 while a capture runs: dispatchers run the model's own code
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@contextmanager
+def tracing(module: nn.Module) -> Iterator[None]:
+    """Within the block the model's own code runs: dispatchers pass through, HF checkpointing is off.
+
+    A capture traces the model as written. What the program does around each call at
+    run time is left out of the trace: gradient checkpointing (a recompute in the
+    backward) and the forward hooks of the module itself and of its layers (FSDP's
+    gathers, user hooks), which fire when the program calls those modules, once per call.
+    Hooks of modules inside a layer are traced into the program like the rest of its code.
+    """
+    flags = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    called = [module, *(module.get_submodule(p) for p in sorted(layer_paths(module)))]
+    saved = [(m, name, getattr(m, name)) for m in called for name in _HOOK_DICTS if getattr(m, name, None)]
+    _TRACING[0] += 1
+    for m in flags:
+        m.gradient_checkpointing = False
+    for m, name, _ in saved:
+        setattr(m, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+        for m in flags:
+            m.gradient_checkpointing = True
+        _TRACING[0] -= 1
+
+
+def _class_forward(module: nn.Module):
+    return type(module).forward.__get__(module)
+
+
+class _ForwardOverride:
+    """Shared behaviour of the two instance ``forward`` overrides: original signature, identity."""
+
+    is_attnres_forward = True  # sampled tracing compares layers' forward overrides; ours are all alike
+
+    module: nn.Module
+
+    @property
+    def original_forward(self):
+        """The class's own forward, bound: what this override stands in for."""
+        return _class_forward(self.module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # Trainer, generate and export read forward's parameters
+        return inspect.signature(self.original_forward)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.original_forward.__doc__
+
+    @property
+    def __code__(self):
+        # torch.export names the traced frame after forward's code object
+        return self.original_forward.__code__
+
+    @property
+    def __name__(self) -> str:
+        return "forward"
+
+
+class LayerForward(_ForwardOverride):
+    """A layer's ``forward``: the layer's program when the converted module calls it, else the layer's own code."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], LayerProgram):
+            program, inputs, layer = args[0], args[1:], self.module
+            if _hf_checkpointing(layer):
+                return layer._gradient_checkpointing_func(functools.partial(program, layer), *inputs)
+            return program(layer, *inputs)
+        return self.original_forward(*args, **kwargs)
+
+
+def _hf_checkpointing(layer: nn.Module) -> bool:
+    """Hugging Face's ``gradient_checkpointing_enable()`` asks this layer to recompute in the backward."""
+    return (
+        getattr(layer, "gradient_checkpointing", False) is True
+        and layer.training
+        and torch.is_grad_enabled()
+        and callable(getattr(layer, "_gradient_checkpointing_func", None))
+    )
+
+
+class ProgramCache:
+    """Programs by call kind; within a kind, the first whose guards admit the call's shapes wins.
+
+    Not copied by ``copy.deepcopy`` or pickling: a copy captures its own programs.
+    """
+
+    def __init__(self) -> None:
+        self.kinds: dict[Any, list[Program]] = {}
+        self.warned = False
+
+    def __deepcopy__(self, memo: dict) -> ProgramCache:
+        return ProgramCache()
+
+    def __getstate__(self) -> dict:
+        return {"kinds": {}, "warned": False}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.kinds.values())
+
+    def __iter__(self) -> Iterator[Program]:
+        for programs in self.kinds.values():
+            yield from programs
+
+    def find(self, kind: Any, tensors: tuple[Tensor, ...]) -> Program | None:
+        for program in self.kinds.get(kind, ()):
+            if program.admits(tensors):
+                return program
+        return None
+
+    def add(self, kind: Any, program: Program, owner: str) -> None:
+        programs = self.kinds.setdefault(kind, [])
+        programs.append(program)
+        if len(programs) > MAX_PROGRAMS_PER_KIND:
+            programs.pop(0)
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    f"attnres: {owner or 'the model'} was captured more than {MAX_PROGRAMS_PER_KIND} times for calls "
+                    f"that differ only in shape; the traced code fixes {', '.join(program.static_axes) or 'some axes'}, "
+                    "so every new size costs a capture. Pad inputs to a few sizes to avoid it.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+    def clear(self) -> None:
+        self.kinds.clear()
+
+
+def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
+
+
+def state_key(module: nn.Module, attnres: nn.Module) -> tuple:
+    """What of the module's state a trace bakes in: train/eval flags, and the dtypes and devices of its tensors."""
+    training = tuple(m.training for m in module.modules())
+    tensors = itertools.chain(module.parameters(), module.buffers(), attnres.parameters())
+    return training, frozenset((t.dtype, t.device) for t in tensors)
+
+
+class ConvertedForward(_ForwardOverride):
+    """The ``forward`` of a module that owns converted streams: runs the program of each call's signature."""
+
+    def __init__(self, module: nn.Module, path: str, attnres: AttnResParameters) -> None:
+        self.module = module
+        self.path = path
+        self.attnres = attnres
+        self.programs = ProgramCache()
+        self.last: Program | None = None  # the program of the latest call (inspection, tests)
+
+    def __deepcopy__(self, memo: dict) -> ConvertedForward:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.module = copy.deepcopy(self.module, memo)
+        new.path = self.path
+        new.attnres = copy.deepcopy(self.attnres, memo)
+        new.programs = ProgramCache()
+        new.last = None
+        return new
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "programs": ProgramCache(), "last": None}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _TRACING[0]:
+            return self.original_forward(*args, **kwargs)
+        program, tensors = self.program_for(args, kwargs)
+        output = program.run(self.module, self.attnres, tensors)
+        return hand_back_caches(args, kwargs, output)
+
+    @torch._dynamo.disable
+    def program_for(self, args: tuple, kwargs: dict) -> tuple[Program, tuple[Tensor, ...]]:
+        """The program of this call (captured now if none fits) and the call's tensors."""
+        call = CallInputs.of(args, kwargs)
+        kind = (call.spec, call.constants(), call.tensor_key(), state_key(self.module, self.attnres))
+        tensors = call.tensors
+        program = self.programs.find(kind, tensors)
+        if program is None:
+            if _is_fake(tensors):
+                raise TraceError(
+                    f"{self.path or type(self.module).__name__} has no program for a call like this one "
+                    f"({call.describe()}) and cannot capture one while being traced; call the converted model once "
+                    "on real inputs of this kind first (attnres_rewrite.export_onnx does that for you)"
+                )
+            program = self.capture(call, args, kwargs)
+            self.programs.add(kind, program, self.path)
+        self.last = program
+        return program, tensors
+
+    def capture(self, call: CallInputs, args: tuple, kwargs: dict) -> Program:
+        """Trace this call, check the streams against the plan, rewrite, outline and compile."""
+        started = time.perf_counter()
+        with tracing(self.module):
+            try:
+                captured = capture_call(self.module, args, kwargs, trace_depth=self.attnres.trace_depth)
+            except AttnResError as exc:
+                raise type(exc)(f"could not capture {self._where(call)}: {exc}") from exc
+        gm = captured.take_module()
+        prefix_module_paths(gm, self.path)
+        return self.build(captured, gm, detect(gm), started)
+
+    def build(self, captured: Captured, gm: fx.GraphModule, detection: Detection, started: float) -> Program:
+        """The program of ``gm``, a capture of this module whose module paths are whole-model paths.
+
+        ``detection`` ran on ``gm``; ``gm`` is consumed.
+        """
+        plan = self.attnres.plan
+        mine = replace(plan, streams=[s for s in plan.streams if (s.owner or "") == self.path])
+        problem = plan_mismatch(mine, detection)
+        if problem is not None:
+            raise NotConvertibleError(
+                f"the residual streams of {self._where(captured.inputs)} differ from the converted ones: {problem}. "
+                "A call that changes the model's structure (another depth, a skipped layer) cannot run the conversion"
+            )
+        rewrite(gm, detection, mine, self.attnres)
+        flat = copy_graph_module(gm)
+        outlined = outline(gm, self.module, self.path)
+        install_layer_forwards(self.module, outlined)
+        program = Program.compile(
+            outlined,
+            captured.program.call_spec.out_spec,
+            getattr(gm, "_guards_fn", None),
+            captured.inputs.describe(),
+            static_axes(captured),
+            list(captured.notes),
+            started,
+        )
+        program.flat = flat
+        log.info("attnres: captured %s in %.2f s", self._where(captured.inputs), program.capture_seconds)
+        return program
+
+    def adopt(self, captured: Captured, gm: fx.GraphModule, detection: Detection) -> Program:
+        """Turn the capture conversion made of this module into its first program (no second trace)."""
+        started = time.perf_counter()
+        program = self.build(captured, gm, detection, started)
+        inputs = captured.inputs
+        kind = (inputs.spec, inputs.constants(), inputs.tensor_key(), state_key(self.module, self.attnres))
+        self.programs.add(kind, program, self.path)
+        return program
+
+    def _where(self, call: CallInputs) -> str:
+        return f"{self.path or type(self.module).__name__} (a call with {call.describe()})"
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph and the same attributes (weights are shared, not copied)."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    graph._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, graph, class_name="AttnResGraph")
+
+
+def static_axes(captured: Captured) -> list[str]:
+    """Axes the trace was asked to keep dynamic but the model fixed (``input_ids axis 1 = 7``)."""
+    call = captured.inputs
+    if not captured.dynamic:
+        return ["every axis (the dynamic trace failed)"]
+    placeholders = [n for n in captured.program.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - len(call.tensor_positions) :]
+    names = call.names()
+    out = []
+    for node, position in zip(user, call.tensor_positions):
+        val = node.meta.get("val")
+        tensor = call.leaves[position]
+        if not isinstance(val, Tensor):
+            continue
+        for axis in capture_axes(tensor):
+            if tensor.shape[axis] >= 2 and _fixed(val.shape[axis], captured.program.range_constraints):
+                out.append(f"{names[position]} axis {axis} = {tensor.shape[axis]}")
+    return out
+
+
+def _fixed(size: Any, ranges: dict) -> bool:
+    """A traced size that is a constant, or a symbol whose only allowed value is one (a guard ``T == 5``)."""
+    if isinstance(size, int):
+        return True
+    expr = size.node.expr
+    if expr.is_number:
+        return True
+    bounds = ranges.get(expr)
+    return bounds is not None and bounds.lower == bounds.upper
+
+
+def install_layer_forwards(module: nn.Module, outlined: Outline) -> None:
+    """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless)."""
+    for layer_graph in outlined.layers:
+        layer = module.get_submodule(layer_graph.path)
+        if not isinstance(vars(layer).get("forward"), LayerForward):
+            layer.forward = LayerForward(layer)
+
+
+def install(model: nn.Module, plan: ConversionPlan, attnres: AttnResParameters, trace_depth: str = "auto") -> None:
+    """Make ``model`` converted: register ``attnres`` and dispatch in each stream owner's forward."""
+    attnres.plan = plan
+    attnres.trace_depth = trace_depth
+    model.attnres = attnres
+    config = getattr(model, "config", None)
+    if _is_hf_config(config):
+        from ..saving import hf_plan_record
+
+        config.attnres = hf_plan_record(plan)  # save_pretrained (Trainer's checkpoints too) records the conversion
+    for path in sorted({s.owner or "" for s in plan.streams}):
+        owner = model.get_submodule(path) if path else model
+        if isinstance(vars(owner).get("forward"), ConvertedForward):
+            raise AttnResError(f"{path or 'the model'} is already converted")
+        owner.forward = ConvertedForward(owner, path, attnres)
+
+
+def _is_hf_config(config: Any) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(config, transformers.PretrainedConfig)
+
+
+def owners(model: nn.Module) -> dict[str, ConvertedForward]:
+    """The converted modules of ``model`` by path, with their dispatchers."""
+    out = {}
+    for path, module in model.named_modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, ConvertedForward):
+            out[path] = forward
+    return out
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "attnres", None), AttnResParameters) and bool(owners(model))
