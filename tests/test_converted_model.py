@@ -170,7 +170,7 @@ def test_generate_with_cache_equals_the_original_in_exact_mode(llama):
     assert torch.equal(got, want)
     signatures = [p.signature for p in programs(converted)["model"]]
     decode = [s for s in signatures if "input_ids[2, 1]" in s]
-    assert decode and all("cache.key_cache.0" in s for s in decode)  # decode steps read the cache
+    assert decode and all("cache.layers.0.keys[2, 2, " in s for s in decode)  # decode steps read the cache
 
 
 def test_generate_in_paper_mode_equals_rerunning_the_prefix():
@@ -440,3 +440,45 @@ def test_trainer_fine_tunes_and_its_checkpoint_loads(tmp_path):
     converted.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, converted(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# other kinds of decoders: mixture of experts, parallel residual, state space
+
+
+def _decoder(kind):
+    torch.manual_seed(0)
+    if kind == "moe":
+        cfg = transformers.MixtralConfig(
+            vocab_size=tiny_hf.VOCAB, hidden_size=40, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        model = transformers.MixtralForCausalLM(cfg)
+    elif kind == "parallel":
+        model = tiny_hf.neox(2)[0]
+        model.config.use_cache = True
+    else:
+        cfg = transformers.MambaConfig(
+            vocab_size=tiny_hf.VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4
+        )
+        model = transformers.MambaForCausalLM(cfg)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["moe", "parallel", "state_space"])
+def test_decoder_kinds_keep_loss_and_cached_generation(kind):
+    model = _decoder(kind)
+    ids = _ids(2, 7)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+        (plan,) = converted.attnres.plan.streams
+        assert plan.num_sublayers == (2 if kind == "state_space" else 4)
+        with torch.no_grad():
+            want, got = model(**inputs, labels=ids), converted(**inputs, labels=ids)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+        kw = dict(attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
+        assert torch.equal(converted.generate(ids, **kw), model.generate(ids, **kw))
+    assert any("cache" in p.signature for p in programs(converted)[plan.owner])

@@ -30,7 +30,7 @@ from ..errors import InvalidInputError
 __all__ = ["CallInputs", "register_cache_types", "PLAIN_TYPES"]
 
 #: Non-tensor leaves a call may carry; they are baked into a capture as constants.
-PLAIN_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+PLAIN_TYPES = (type(None), bool, int, float, str, type, torch.dtype, torch.device, torch.memory_format, torch.layout)
 
 
 def _axis_bucket(size: int) -> int:
@@ -62,7 +62,7 @@ class CallInputs:
                 raise InvalidInputError(
                     f"cannot capture a call with an input of type {type(leaf).__name__}: inputs must be tensors, "
                     "plain values (None, bool, int, float, str, dtype, device) or containers of them (tuple, list, "
-                    "dict, dataclasses registered with torch.utils._pytree, Hugging Face caches)"
+                    "dict, classes registered with torch.utils._pytree, Hugging Face caches)"
                 )
         return cls(spec, leaves, positions)
 
@@ -96,7 +96,7 @@ class CallInputs:
         out = []
         for path, _leaf in flat:
             parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path[1:]]
-            out.append(".".join(parts) or "input")
+            out.append(".".join(p for p in parts if p != "__dict__") or "input")
         return out
 
     def describe(self) -> str:
@@ -113,37 +113,52 @@ class CallInputs:
 # --------------------------------------------------------------------------------------
 # Hugging Face caches as pytree containers
 
+#: transformers cache classes whose whole state (``vars``) is tensors, plain values and
+#: containers of them: registered as pytree nodes that flatten to that state.
+_CACHE_CLASSES = (
+    "DynamicCache", "StaticCache", "EncoderDecoderCache",
+    "DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer",
+    "StaticLayer", "StaticSlidingWindowLayer", "StaticIndexedLayer",
+    "LinearAttentionLayer", "LinearAttentionAndFullAttentionLayer", "LinearAttentionAndSlidingWindowAttentionLayer",
+    "LinearAttentionAndStaticFullAttentionLayer", "LinearAttentionAndStaticSlidingWindowAttentionLayer",
+    "DummyLayer",
+)  # fmt: skip
 
 _REGISTERED: set[type] = set()
 
 
 def register_cache_types(*trees: Any) -> None:
-    """Make Hugging Face's default caches flatten to their tensors; refuse other caches in ``trees``.
+    """Make Hugging Face's caches flatten to their state; refuse other caches in ``trees``.
 
-    Only when transformers is already imported (a model of it is being captured only
-    then), so importing attnres_rewrite never imports transformers. A model may create
-    and return a cache the call did not pass (``use_cache=True``), so both default
-    caches are registered whatever the inputs hold: ``DynamicCache`` with transformers'
-    own export support, ``EncoderDecoderCache`` (two dynamic caches) here.
+    A cache is an object whose attributes are tensors (keys, values, recurrent states),
+    flags and sizes; it flattens to that state (its ``vars``) and is rebuilt from it
+    without calling its constructor. That covers every layer kind (attention,
+    sliding-window, the recurrent states of state-space models) with one rule, where
+    transformers' own export support knows plain attention layers only. Registered only
+    when transformers is already imported (a model of it is being captured only then),
+    and for all of them at once: a model may create and return a cache the call did
+    not pass (``use_cache=True``).
     """
     if "transformers" not in sys.modules:
         return
     from transformers import cache_utils
 
-    if cache_utils.DynamicCache not in _REGISTERED:
-        _register_dynamic_cache()
-        _register_encoder_decoder_cache(cache_utils.EncoderDecoderCache)
+    if not _REGISTERED:
+        for name in _CACHE_CLASSES:
+            cls = getattr(cache_utils, name, None)
+            if isinstance(cls, type):
+                _register_state(cls)
     types_seen = {type(x) for tree in trees for x in _walk(tree)}
     unsupported = [t for t in types_seen if issubclass(t, cache_utils.Cache) and t not in pytree.SUPPORTED_NODES]
     if unsupported:
         raise InvalidInputError(
-            f"cannot capture a call with a {unsupported[0].__name__}: the converted model supports DynamicCache and "
-            "EncoderDecoderCache (the default caches of generate); pass one of those, or use_cache=False"
+            f"cannot capture a call with a {unsupported[0].__name__}: the converted model supports DynamicCache, "
+            "StaticCache and EncoderDecoderCache (the caches of generate); pass one of those, or use_cache=False"
         )
 
 
 def _walk(tree: Any, depth: int = 0):
-    """Objects in a call's containers (tuples, lists, dicts, a cache's own caches), without flattening them."""
+    """Objects in a call's containers (tuples, lists, dicts), without flattening them."""
     yield tree
     if depth > 4:
         return
@@ -153,43 +168,73 @@ def _walk(tree: Any, depth: int = 0):
     elif isinstance(tree, dict):
         for x in tree.values():
             yield from _walk(x, depth + 1)
-    else:
-        for name in ("self_attention_cache", "cross_attention_cache"):
-            inner = getattr(tree, name, None)
-            if inner is not None and not isinstance(inner, Tensor):
-                yield from _walk(inner, depth + 1)
 
 
-def _register_dynamic_cache() -> None:
-    from transformers import cache_utils
-    from transformers.integrations.executorch import register_dynamic_cache_export_support
+def _register_state(cls: type) -> None:
+    """Register ``cls`` as a pytree node: tensor-bearing attributes are children, the rest is context.
 
-    if cache_utils.DynamicCache not in pytree.SUPPORTED_NODES:
-        register_dynamic_cache_export_support()
-    _REGISTERED.add(cache_utils.DynamicCache)
-
-
-def _register_encoder_decoder_cache(cls: type) -> None:
-    if cls in pytree.SUPPORTED_NODES:
-        _REGISTERED.add(cls)
+    Plain attributes (flags, sizes, the device and dtype a layer records) must not become
+    leaves: ``torch.export`` allows only tensors among a program's outputs. As context
+    they are part of the call's signature, which is what they are (an initialised layer
+    traces differently from an empty one).
+    """
+    _REGISTERED.add(cls)
+    if cls in pytree.SUPPORTED_NODES:  # registered before us (transformers' own export support): keep it
         return
 
-    def flatten(cache):
-        return [cache.self_attention_cache, cache.cross_attention_cache], None
+    def split(obj: Any) -> tuple[dict, tuple]:
+        children, plain = {}, []
+        for name, value in vars(obj).items():
+            if _holds_tensors(value):
+                children[name] = value
+            else:
+                plain.append((name, _freeze(value)))
+        return children, tuple(plain)
 
-    def flatten_with_keys(cache):
-        children, context = flatten(cache)
-        keys = [pytree.GetAttrKey("self_attention_cache"), pytree.GetAttrKey("cross_attention_cache")]
-        return list(zip(keys, children)), context
+    def flatten(obj: Any) -> tuple[list, tuple]:
+        children, plain = split(obj)
+        return [children], plain
 
-    def unflatten(children, context):
-        return cls(*children)
+    def flatten_with_keys(obj: Any) -> tuple[list, tuple]:
+        children, plain = split(obj)
+        return [(pytree.GetAttrKey("__dict__"), children)], plain
+
+    def unflatten(children: list, plain: tuple) -> Any:
+        obj = object.__new__(cls)
+        obj.__dict__.update({name: _thaw(value) for name, value in plain})
+        obj.__dict__.update(children[0])
+        return obj
 
     pytree.register_pytree_node(
         cls,
         flatten,
         unflatten,
-        serialized_type_name=f"{cls.__module__}.{cls.__name__}",
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
         flatten_with_keys_fn=flatten_with_keys,
     )
-    _REGISTERED.add(cls)
+
+
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(x, Tensor) for x in pytree.tree_leaves(value))
+
+
+_FROZEN = object()  # marks a container turned into a hashable tuple
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a plain value (dicts and lists of flags become tuples)."""
+    if isinstance(value, dict):
+        return (_FROZEN, "dict", tuple((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return (_FROZEN, type(value).__name__, tuple(_freeze(v) for v in value))
+    hash(value)  # a plain attribute that cannot key a signature is a bug to surface, not to hide
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 3 and value[0] is _FROZEN:
+        kind, items = value[1], value[2]
+        if kind == "dict":
+            return {k: _thaw(v) for k, v in items}
+        return (list if kind == "list" else tuple)(_thaw(v) for v in items)
+    return value
