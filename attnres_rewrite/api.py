@@ -297,6 +297,8 @@ def apply_plan(
     itself, the capture conversion made is the program of the example's call; other
     owners capture on their first call.
     """
+    if trace_depth == "auto" and captured.sampled:
+        trace_depth = "sampled"  # it worked on this model: later captures (after attach_weights too) sample as well
     _runtime.install(model, plan, make_parameters(plan, detection), trace_depth)
     root = _runtime.owners(model).get("")
     if root is not None:

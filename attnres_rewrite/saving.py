@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import AdapterError, InvalidInputError
 
-__all__ = ["MODEL_CONFIG_NAME", "save_converted", "load_converted", "hf_plan_record"]
+__all__ = ["MODEL_CONFIG_NAME", "save_converted", "write_converted", "load_converted", "hf_plan_record"]
 
 MODEL_CONFIG_NAME = "attnres_model.json"
 MODEL_FORMAT = 1
@@ -54,38 +54,56 @@ def save_converted(converted: nn.Module, directory: str | os.PathLike, *, overwr
     Refuses an existing non-empty ``directory`` unless ``overwrite``; then it is replaced
     as a whole, only once the new one is complete.
     """
-    from . import __version__
-    from .api import plan_of
     from .fileio import atomic_directory
 
-    plan = plan_of(converted)
-    if plan is None:
-        raise InvalidInputError(
-            "save_converted needs a model returned by attnres_rewrite.convert (it has no attnres.plan)"
-        )
-    if any(t.device.type == "meta" for t in converted.state_dict().values()):
-        raise InvalidInputError("the model has weights on the meta device; attach real weights before saving it")
+    _check_saveable(converted)
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise InvalidInputError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    hf = _is_hf(converted)
     with atomic_directory(target) as tmp:
-        if hf:
-            converted.save_pretrained(tmp)  # safetensors; config.json carries the plan (set at conversion)
-        else:
-            from safetensors.torch import save_model
-
-            save_model(converted, str(tmp / _SINGLE), metadata={"format": "pt"})
-        info = {
-            "format": MODEL_FORMAT,
-            "versions": {"attnres_rewrite": __version__, "torch": torch.__version__},
-            "model": {"class": f"{type(converted).__module__}.{type(converted).__qualname__}", "huggingface": hf},
-            "plan": plan.to_dict(),
-        }
-        (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(info, indent=2))
+        write_converted(converted, tmp)
     return target
+
+
+def _check_saveable(converted: nn.Module) -> None:
+    from .api import plan_of
+
+    if plan_of(converted) is None:
+        raise InvalidInputError(
+            "save_converted needs a model returned by attnres_rewrite.convert (it has no attnres.plan)"
+        )
+    if any(t.device.type == "meta" for t in converted.state_dict().values()):
+        raise InvalidInputError("the model has weights on the meta device; attach real weights before saving it")
+
+
+def write_converted(converted: nn.Module, directory: Path) -> list[str]:
+    """The files of :func:`save_converted`, written into the existing (staging) ``directory``; returns their names.
+
+    For callers that stage a directory of their own (the CLI writes the adapter, the
+    report and the whole model into one).
+    """
+    from . import __version__
+    from .api import plan_of
+
+    _check_saveable(converted)
+    before = set(os.listdir(directory))
+    hf = _is_hf(converted)
+    if hf:
+        converted.save_pretrained(directory)  # safetensors; config.json carries the plan (set at conversion)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(converted, str(directory / _SINGLE), metadata={"format": "pt"})
+    info = {
+        "format": MODEL_FORMAT,
+        "versions": {"attnres_rewrite": __version__, "torch": torch.__version__},
+        "model": {"class": f"{type(converted).__module__}.{type(converted).__qualname__}", "huggingface": hf},
+        "plan": plan_of(converted).to_dict(),
+    }
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps(info, indent=2))
+    return sorted(set(os.listdir(directory)) - before)
 
 
 def load_converted(

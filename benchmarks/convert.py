@@ -34,7 +34,7 @@ from torch import nn
 from attnres_rewrite.api import build_plan, convert_captured
 from attnres_rewrite.passes.capture import capture
 from attnres_rewrite.passes.detect import detect
-from attnres_rewrite.passes.rewrite import rewrite
+from attnres_rewrite.passes.rewrite import make_parameters, rewrite
 
 RESULTS = Path(__file__).resolve().parent / "results" / "convert.json"
 
@@ -77,7 +77,7 @@ def phases(model: nn.Module, inputs) -> dict:
     detection = detect(captured.module, model)
     t3 = time.perf_counter()
     plan = build_plan(detection)
-    rewrite(captured.module, detection, plan)
+    rewrite(captured.module, detection, plan, make_parameters(plan, detection))
     t4 = time.perf_counter()
     stream = plan.streams[0]
     return {

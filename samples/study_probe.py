@@ -2,12 +2,12 @@
 how magnitudes and gradients are spread over depth.
 
 The baseline is an ordinary ``nn.Module`` and is probed with module hooks. A converted
-model is one flat graph (``torch.export`` inlines the modules), so hooks on its
-submodules never fire; it is probed by re-running its graph with an FX
-``Interpreter`` that records every ``attnres.block_attnres`` call (the sources,
-query and key gain it was given, and its output, which is the sublayer's input) and
-the last node each branch module produced (found through the ``nn_module_stack``
-metadata that export attaches to every node).
+model runs rewritten graphs in which the branch modules are inlined, so hooks on them
+never fire; it is probed by re-running its rewritten graph
+(``attnres_rewrite.api.rewritten_graphs``) with an FX ``Interpreter`` that records every
+``attnres.block_attnres`` call (the sources, query and key gain it was given, and its
+output, which is the sublayer's input) and the last node each branch module produced
+(found through the ``nn_module_stack`` metadata that export attaches to every node).
 
 Sublayers are named as in the ``samples`` Llama decoder: ``layers.{i}.attn`` and
 ``layers.{i}.mlp``, each preceded by its norm ``layers.{i}.attn_norm`` / ``mlp_norm``.
@@ -21,6 +21,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+import attnres_rewrite
 from attnres_rewrite.reference import DEFAULT_EPS, attnres_weights
 from samples.study_data import lm_loss, logits_of
 
@@ -37,12 +38,12 @@ def rms(x: Tensor) -> float:
     return x.detach().float().pow(2).mean().sqrt().item()
 
 
-def graph_module(model: nn.Module) -> torch.fx.GraphModule | None:
-    """The FX graph a converted model runs (the model itself or its first GraphModule)."""
-    for m in model.modules():
-        if isinstance(m, torch.fx.GraphModule):
-            return m
-    return None
+def graph_module(model: nn.Module, x: Tensor) -> torch.fx.GraphModule | None:
+    """The rewritten graph a converted model runs on ``x``, or None for a model that is not converted."""
+    if not attnres_rewrite.is_converted(model):
+        return None
+    (graph,) = attnres_rewrite.api.rewritten_graphs(model, (x,)).values()
+    return graph
 
 
 def is_attnres(target) -> bool:
@@ -96,9 +97,9 @@ class _Recorder(torch.fx.Interpreter):
 @torch.no_grad()
 def trace_converted(model: nn.Module, x: Tensor, layers: int) -> dict:
     """Depth-attention weights and per-sublayer magnitudes of a converted model."""
-    gm = graph_module(model)
+    gm = graph_module(model, x)
     if gm is None:
-        raise TypeError(f"expected a converted model containing a GraphModule, got {type(model).__name__}")
+        raise TypeError(f"expected a model returned by attnres_rewrite.convert, got {type(model).__name__}")
     rec = _Recorder(gm, sublayer_names(layers))
     rec.run(x)
     calls = rec.calls
@@ -170,7 +171,8 @@ def grad_norms(model: nn.Module, x: Tensor, y: Tensor, layers: int) -> list[floa
 def probe_model(model: nn.Module, x: Tensor, y: Tensor, layers: int) -> dict:
     """All diagnostics of one trained model on the probe windows ``x`` (targets ``y``)."""
     model.eval()
-    stats = trace_converted(model, x, layers) if graph_module(model) is not None else trace_baseline(model, x, layers)
+    converted = attnres_rewrite.is_converted(model)
+    stats = trace_converted(model, x, layers) if converted else trace_baseline(model, x, layers)
     stats["grad_norm"] = grad_norms(model, x, y, layers)
     model.train()
     return stats
@@ -200,12 +202,13 @@ def train_mode_check(model: nn.Module, x: Tensor) -> dict:
 def dropout_mode_check(seed: int = 0) -> dict:
     """What ``train()`` / ``eval()`` mean for a converted model, measured with dropout 0.5.
 
-    ``convert`` captures the graph once, in the model's mode at that moment. This
-    converts a tiny dropout model captured in each mode and reports whether dropout is
-    active afterwards in ``train()`` and in ``eval()`` (two calls on the same input
-    differ only if it is), and how far ``eval()`` is from the original's ``eval()``.
+    A converted model captures a program per call signature, the train/eval flags
+    included, so ``train()`` and ``eval()`` behave as on the original whatever mode it
+    was converted in. This converts a tiny dropout model in each mode and reports
+    whether dropout is active afterwards in ``train()`` and in ``eval()`` (two calls on
+    the same input differ only if it is), and how far ``eval()`` is from the original's
+    ``eval()``.
     """
-    import attnres_rewrite
     import samples
 
     model, (x,) = samples.get("llama", layers=1, dropout=0.5, seed=seed)

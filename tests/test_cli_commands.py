@@ -279,3 +279,27 @@ def test_export_verification_mismatch_exits_1_not_2(monkeypatch, tmp_path):
     assert result.exit_code == 1, result.stderr
     assert "verification failed: ONNX output differs from PyTorch beyond tolerance" in result.stderr
     assert "max abs diff 0.5" in result.stderr
+
+
+def test_convert_whole_model_writes_a_directory_load_converted_reads(tmp_path):
+    import torch
+
+    import attnres_rewrite as ar
+    import samples
+
+    out = tmp_path / "whole"
+    payload = ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--whole-model", "--json"))
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "attnres_config.json",
+        "attnres.safetensors",
+        "report.json",
+        "model.safetensors",
+        "attnres_model.json",
+    }
+    assert set(payload["files"]) == names
+    model, inputs = samples.get("gpt2")
+    loaded = ar.load_converted(out, model)
+    adapted = ar.load_adapter(model, inputs, out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), adapted(*inputs), rtol=0, atol=0)

@@ -274,7 +274,7 @@ def test_deepcopy_and_pickle_keep_a_working_model():
     model, inputs = samples.get("llama", layers=2, dropout=0.0)
     converted = ar.convert(model, inputs, mode="exact")
     clone = copy.deepcopy(converted)
-    assert programs(clone)[""] == [] and len(programs(converted)[""]) == 1  # a copy captures its own programs
+    assert programs(clone)[""] == programs(converted)[""] and len(programs(clone)[""]) == 1  # copies share programs
     buffer = io.BytesIO()
     torch.save(converted, buffer)
     buffer.seek(0)
@@ -482,3 +482,27 @@ def test_decoder_kinds_keep_loss_and_cached_generation(kind):
         kw = dict(attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
         assert torch.equal(converted.generate(ids, **kw), model.generate(ids, **kw))
     assert any("cache" in p.signature for p in programs(converted)[plan.owner])
+
+
+def test_hugging_face_gradient_checkpointing_recomputes_each_layer_with_equal_gradients():
+    model, inputs = _llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = _perturbed(ar.convert(model, inputs, num_blocks=2, mode="exact")).train()
+
+    def grads():
+        converted.zero_grad(set_to_none=True)
+        converted(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
+
+    want = grads()
+    converted.gradient_checkpointing_enable()
+    calls = []
+    for layer in converted.model.layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda fn, *a, inner=inner, **k: calls.append(1) or inner(fn, *a, **k)
+    got = grads()
+    assert len(calls) == len(converted.model.layers)  # each layer's program ran under checkpoint
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -110,6 +110,14 @@ def convert(
     eps: o.Eps = None,
     trace_depth: o.TraceDepthOpt = o.TraceDepth.auto,
     force: o.Force = False,
+    whole_model: Annotated[
+        bool,
+        typer.Option(
+            "--whole-model/--adapter-only",
+            help="Also write the whole converted model (all weights, safetensors) to DIR: "
+            "attnres_rewrite.load_converted(DIR) loads it in one call.",
+        ),
+    ] = False,
     batch: o.Batch = None,
     seq_len: o.SeqLen = None,
     seed: o.Seed = 0,
@@ -121,7 +129,17 @@ def convert(
     from .common import ConversionOptions
 
     options = ConversionOptions(blocks, block_size, full, mode.value, eps, trace_depth.value)
-    converting.run(model, output, options, force=force, batch=batch, seq_len=seq_len, seed=seed, as_json=json)
+    converting.run(
+        model,
+        output,
+        options,
+        force=force,
+        batch=batch,
+        seq_len=seq_len,
+        seed=seed,
+        as_json=json,
+        whole_model=whole_model,
+    )
 
 
 @app.command()

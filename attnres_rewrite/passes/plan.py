@@ -164,7 +164,7 @@ def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
     for sp in plan.streams:
         s = found.get(sp.name)
         if s is None:
-            return f"the model has no residual stream {sp.name!r} (found: {', '.join(sorted(found)) or 'none'})"
+            return f"there is no residual stream {sp.name!r} (the model has {', '.join(sorted(found)) or 'none'})"
         if not s.convertible:
             return f"stream {sp.name!r} is not convertible here: {s.reason}"
         paths = [x.module_path for x in s.sublayers]

@@ -157,15 +157,14 @@ def _hf_checkpointing(layer: nn.Module) -> bool:
 class ProgramCache:
     """Programs by call kind; within a kind, the first whose guards admit the call's shapes wins.
 
-    Not copied by ``copy.deepcopy`` or pickling: a copy captures its own programs.
+    A program holds no reference to the model it was captured from (it reads the module
+    it is called with), so deep copies of a converted model share one cache. Pickling
+    drops it: the restored model captures again.
     """
 
     def __init__(self) -> None:
         self.kinds: dict[Any, list[Program]] = {}
         self.warned = False
-
-    def __deepcopy__(self, memo: dict) -> ProgramCache:
-        return ProgramCache()
 
     def __getstate__(self) -> dict:
         return {"kinds": {}, "warned": False}
@@ -231,7 +230,7 @@ class ConvertedForward(_ForwardOverride):
         new.module = copy.deepcopy(self.module, memo)
         new.path = self.path
         new.attnres = copy.deepcopy(self.attnres, memo)
-        new.programs = ProgramCache()
+        new.programs = self.programs  # programs read the module they run on: a copy can share them
         new.last = None
         return new
 

@@ -32,6 +32,7 @@ def run(
     seq_len: int | None,
     seed: int,
     as_json: bool,
+    whole_model: bool = False,
 ) -> None:
     common.ensure_output_free(out, force=force, kind="directory")  # before any slow step
     start = time.perf_counter()
@@ -59,6 +60,8 @@ def run(
     api = common.backend("api")
     with output.step(f"Writing {out}"), atomic_directory(out) as tmp:
         api.save_adapter(converted, tmp)
+        if whole_model:  # the whole converted model beside the adapter: attnres_rewrite.load_converted(out)
+            report["files"] += common.backend("saving").write_converted(converted, tmp)
         (tmp / "report.json").write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
     if options.mode == "paper" and max_rel > PAPER_MODE_HINT:
         output.note(
