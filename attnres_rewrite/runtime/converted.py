@@ -248,7 +248,7 @@ class ConvertedForward(_ForwardOverride):
     def program_for(self, args: tuple, kwargs: dict) -> tuple[Program, tuple[Tensor, ...]]:
         """The program of this call (captured now if none fits) and the call's tensors."""
         call = CallInputs.of(args, kwargs)
-        kind = (call.spec, call.constants(), call.tensor_key(), state_key(self.module, self.attnres))
+        kind = self.kind(call)
         tensors = call.tensors
         program = self.programs.find(kind, tensors)
         if program is None:
@@ -309,10 +309,12 @@ class ConvertedForward(_ForwardOverride):
         """Turn the capture conversion made of this module into its first program (no second trace)."""
         started = time.perf_counter()
         program = self.build(captured, gm, detection, started)
-        inputs = captured.inputs
-        kind = (inputs.spec, inputs.constants(), inputs.tensor_key(), state_key(self.module, self.attnres))
-        self.programs.add(kind, program, self.path)
+        self.programs.add(self.kind(captured.inputs), program, self.path)
         return program
+
+    def kind(self, call: CallInputs) -> tuple:
+        """What a program is keyed by: the call's structure, plain values and tensor metadata, the module's state."""
+        return call.spec, call.constants(), call.tensor_key(), state_key(self.module, self.attnres)
 
     def _where(self, call: CallInputs) -> str:
         return f"{self.path or type(self.module).__name__} (a call with {call.describe()})"
