@@ -207,11 +207,36 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
     return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
 
 
-def state_key(module: nn.Module, attnres: nn.Module) -> tuple:
-    """What of the module's state a trace bakes in: train/eval flags, and the dtypes and devices of its tensors."""
-    training = tuple(m.training for m in module.modules())
-    tensors = itertools.chain(module.parameters(), module.buffers(), attnres.parameters())
-    return training, frozenset((t.dtype, t.device) for t in tensors)
+_STRUCTURE = [0]  # bumped whenever any module registers a submodule (see _watch_structure)
+
+
+def _watch_structure() -> None:
+    """Count submodule registrations, so a converted module re-lists its submodules only when they change.
+
+    A global module-registration hook, installed once, on first conversion: it makes
+    the per-call state key a pass over a cached list instead of a walk of the module tree.
+    """
+    if _STRUCTURE[0] == 0:
+        _STRUCTURE[0] = 1
+
+        def bump(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+            _STRUCTURE[0] += 1
+
+        torch.nn.modules.module.register_module_module_registration_hook(bump)
+
+
+def state_key(modules: list[nn.Module]) -> tuple:
+    """What of the modules' state a trace bakes in: train/eval flags, and the dtypes and devices of their tensors.
+
+    Read on every call: each tensor's dtype and device index, no ``torch.device`` built.
+    """
+    training = tuple(m.training for m in modules)
+    kinds = set()
+    for m in modules:
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None:
+                kinds.add((t.dtype, t.device.type if t.is_meta else t.get_device()))
+    return training, frozenset(kinds)
 
 
 class ConvertedForward(_ForwardOverride):
@@ -223,6 +248,16 @@ class ConvertedForward(_ForwardOverride):
         self.attnres = attnres
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
+        self._modules: tuple[int, list[nn.Module]] = (0, [])  # (structure version, submodules and attnres)
+        _watch_structure()
+
+    def modules(self) -> list[nn.Module]:
+        """The module's submodules and the AttnRes module, listed again only after a module registration."""
+        version, listed = self._modules
+        if version != _STRUCTURE[0] or not listed:
+            listed = [*self.module.modules(), *self.attnres.modules()]
+            self._modules = (_STRUCTURE[0], listed)
+        return listed
 
     def __deepcopy__(self, memo: dict) -> ConvertedForward:
         new = type(self).__new__(type(self))
@@ -232,10 +267,15 @@ class ConvertedForward(_ForwardOverride):
         new.attnres = copy.deepcopy(self.attnres, memo)
         new.programs = self.programs  # programs read the module they run on: a copy can share them
         new.last = None
+        new._modules = (0, [])
         return new
 
     def __getstate__(self) -> dict:
-        return {**vars(self), "programs": ProgramCache(), "last": None}
+        return {**vars(self), "programs": ProgramCache(), "last": None, "_modules": (0, [])}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        _watch_structure()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _TRACING[0]:
@@ -314,7 +354,7 @@ class ConvertedForward(_ForwardOverride):
 
     def kind(self, call: CallInputs) -> tuple:
         """What a program is keyed by: the call's structure, plain values and tensor metadata, the module's state."""
-        return call.spec, call.constants(), call.tensor_key(), state_key(self.module, self.attnres)
+        return call.spec, call.constants(), call.tensor_key(), state_key(self.modules())
 
     def _where(self, call: CallInputs) -> str:
         return f"{self.path or type(self.module).__name__} (a call with {call.describe()})"
