@@ -67,11 +67,13 @@ class Recorder:
 
     def __init__(self, two_phase=True):
         self.two_phase = two_phase
-        self.reports, self.graphs = [], []
+        self.reports, self.graphs, self.targets = [], [], {}
 
     def _record(self, kind):
         def compiler(gm, example_inputs):
             self.graphs.append((kind, count_ops(gm)))
+            calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+            self.targets[kind] = [(str(n.target), getattr(n.meta.get("val"), "ndim", None)) for n in calls]
             return make_boxed_func(gm.forward)
 
         return compiler
@@ -121,6 +123,13 @@ def test_one_phase1_per_block_and_exact(layers, num_blocks, groups):
     assert fw.get("block_attnres", 0) == 0 and fw["block_phase1"] == len(groups)
     assert bw["block_phase1_backward"] == len(groups)
     assert "block_attnres_backward" not in bw
+    # No autograd glue around phase 1's o: per-query selects would make the backward
+    # zero-fill an (S, tokens, d) gradient per query and add them up; unbind stacks once.
+    # (Row selects of the (L + 1, d) query/gain parameters remain: 2-D and tiny.)
+    backward = rec.targets["backward"]
+    glue = [(t, nd) for t, nd in backward if ("select_backward" in t or "select_scatter" in t) and nd != 2]
+    assert not glue, glue
+    assert sum("aten.stack" in t for t, _ in backward) == 3 * len(groups)
 
 
 def test_exact_mode_scales_survive_the_lowering():

@@ -260,8 +260,12 @@ def _lower_group(graph: fx.Graph, group: BlockGroup, order: dict) -> bool:
         graph, point, torch.ops.attnres.block_phase1.default, (list(group.completed), queries, gains, group.eps)
     )
     o, m, l = (_emit(graph, point, operator.getitem, (stats, k)) for k in range(3))
+    # One ``unbind`` per statistic, not a ``select`` per query: the backward of S selects
+    # zero-fills a full (S, tokens, d) fp32 gradient S times and adds them up (S - 1
+    # more passes), where unbind's backward stacks the S slices once.
+    rows = [_emit(graph, point, torch.ops.aten.unbind.int, (t, 0)) for t in (o, m, l)]
     for s, (call, dtype) in enumerate(zip(calls, dtypes)):
-        o_s, m_s, l_s = (_emit(graph, call.node, torch.ops.aten.select.int, (t, 0, s)) for t in (o, m, l))
+        o_s, m_s, l_s = (_emit(graph, call.node, operator.getitem, (r, s)) for r in rows)
         args = (o_s, m_s, l_s, group.partial_of(call), call.query, call.key_gain, group.eps, call.scale, dtype)
         merged = _emit(graph, call.node, torch.ops.attnres.block_phase2.default, args)
         call.node.replace_all_uses_with(merged)
