@@ -94,11 +94,16 @@ def matrix(subset: str) -> list[Case]:
             *_cases_for(7168, "bfloat16", decode=False),
             Case("block_attnres", 2048, "bfloat16", t=1),
             Case("block_phase1", 2048, "bfloat16", t=1, s=S_QUERIES),
+            Case("block_attnres_backward", 2048, "bfloat16"),
             Case("block_attnres", 127, "float16"),
             Case("block_attnres_backward", 127, "float16"),
         ]
     if subset == "ci36":
-        return [Case("block_attnres", 7168, "bfloat16"), Case("block_attnres", 2048, "bfloat16", t=1)]
+        return [
+            Case("block_attnres", 7168, "bfloat16"),
+            Case("block_attnres", 2048, "bfloat16", t=1),
+            Case("block_attnres_backward", 2048, "bfloat16"),
+        ]
     raise ValueError(f"unknown subset {subset!r}")
 
 
@@ -306,6 +311,8 @@ def _traffic(case: Case, kernel: str, meta: dict) -> dict[str, float]:
         return kernel_traffic(kernel, mode=meta.get("MODE", 0), **kw)
     if kernel in ("_apply_fwd_kernel", "_apply_bwd_kernel"):
         return kernel_traffic(kernel, phase1=phase1, **kw)
+    if kernel == "_fused_bwd_kernel":
+        return kernel_traffic(kernel, **kw)
     return kernel_traffic(
         kernel, has_partial=bool(meta.get("HAS_P", True)), one_chunk=bool(meta.get("ONE_CHUNK", True)), **kw
     )

@@ -57,6 +57,10 @@ def kernel_traffic(
             cache=k * u_tile + max(k - 1, 0) * g_row,
             scratch=passes * k * s * F32 + (0 if mode < 2 else 3 * k * F32),
         )
+    if kernel == "_fused_bwd_kernel":
+        # sources read once from HBM, re-read right away from L1/L2 (the tile was just read);
+        # grad_out read once, K gradients written
+        return _kernel(2 * k * row + row, cache=k * row + d * 2 * F32 / bt)
     if kernel == "_apply_fwd_kernel":
         out = s * d * F32 if phase1 else row
         return _kernel(k * row + out, scratch=k * s * F32)
@@ -103,6 +107,8 @@ def op_traffic(
             parts = [kt("_fused_fwd_kernel", phase1=phase1)]
         else:
             parts = [kt("_stats_kernel", mode=1 if phase1 else 0), kt("_apply_fwd_kernel", phase1=phase1)]
+    elif op == "block_attnres_backward" and fused:
+        parts = [kt("_fused_bwd_kernel")]
     elif op in ("block_attnres_backward", "block_phase1_backward"):
         phase1 = op == "block_phase1_backward"
         parts = [kt("_stats_kernel", mode=3 if phase1 else 2), kt("_apply_bwd_kernel", phase1=phase1)]
@@ -125,10 +131,11 @@ def table(k: int = 9, d: int = 4096, itemsize: int = 2, s: int = 8) -> list[dict
     cases = [
         ("block_attnres", 1, True, "fused (row in registers)"),
         ("block_attnres", 1, False, "split (stats + apply)"),
-        ("block_attnres_backward", 1, True, "stats + apply"),
+        ("block_attnres_backward", 1, True, "fused (d <= 4096; second read from L1/L2)"),
+        ("block_attnres_backward", 1, False, "stats + apply (d > 4096)"),
         ("block_phase1", s, True, "fused (S x row in registers)"),
         ("block_phase1", s, False, "split (stats + apply)"),
-        ("block_phase1_backward", s, True, "stats + apply"),
+        ("block_phase1_backward", s, False, "stats + apply"),
         ("block_phase2", 1, True, "merge"),
         ("block_phase2_backward", 1, True, "merge backward"),
     ]

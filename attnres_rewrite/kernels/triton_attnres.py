@@ -6,9 +6,16 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
 * **Sources are never concatenated.** Every kernel takes a *pointer table*: an int64
   tensor of ``data_ptr()`` values, loaded in the kernel and cast with
   ``tl.pointer_type``. A rewrite keeps its L sources as separate tensors; stacking them
-  would cost a full extra read and write of all of them per aggregation.
-* **Fused forward** (``block_attnres`` and ``block_phase1`` when ``S_pad * next_pow2(d)``
-  fits a register tile, 8192 fp32 values): one program per tile of tokens holds the
+  would cost a full extra read and write of all of them per aggregation. A pointer cast
+  from the table carries no alignment, so Triton would read it one element at a time:
+  when every source (and gradient) is 16-byte aligned and ``d * itemsize % 16 == 0``
+  the launcher passes ``VEC = 16 / itemsize`` and the kernels assert it
+  (``tl.multiple_of``), which makes every source load and gradient store a 16-byte
+  vector; otherwise (a view with a storage offset) ``VEC = 1``, the scalar kernel.
+* **Token tiles have at least two tokens** (``MIN_BT``), T = 1 included (padded and
+  masked): Triton 3.6 miscompiles the fused forward for a one-token tile.
+* **Fused forward** (``block_attnres`` and ``block_phase1`` when ``S_pad * 2 * next_pow2(d)``
+  fits a register tile, 16384 fp32 values): one program per tile of tokens holds the
   whole feature row of each source in registers, computes its fp32 RMS, the S logits,
   and updates S online-softmax accumulators; every source is read exactly once and
   the output is written once.
@@ -41,11 +48,14 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
   routed to the PyTorch kernels (the contract promises fp64 statistics for them,
   used by gradcheck; the Triton kernels are fp32 machines).
 * Launch configuration comes from shape heuristics (:func:`_fused_config`,
-  :func:`_chunk_config`); under ``TRITON_INTERPRET=1`` larger token tiles are used so
-  that tests run few (slow) interpreted program instances.
+  :func:`_chunk_config`, :func:`_p2_config`), sized by the sm_90 static gate
+  (:mod:`.static_check`: no spills, vector traffic, on Triton 3.6 and 3.9); under
+  ``TRITON_INTERPRET=1`` larger token tiles are used so that tests run few (slow)
+  interpreted program instances.
 
-The launchers accept CPU tensors, so the tests run them under ``TRITON_INTERPRET=1``.
-Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
+The launchers accept CPU tensors, so the tests run them under ``TRITON_INTERPRET=1``,
+and ``meta`` tensors under :class:`compile_only` (the gate compiles what they would
+launch). Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
 """
 
 from __future__ import annotations
@@ -217,33 +227,42 @@ def _vec(tensors: Sequence[Tensor], d: int) -> int:
     return 16 // item
 
 
-_PTR_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+_PTR_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 _PTR_TABLES_MAX = 4096
+# Tables built while a CUDA graph was being captured: the graph replays their host-to-
+# device copy from the pinned host buffer, so that buffer must outlive every replay.
+_CAPTURED_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _ptr_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """int64 tensor of data pointers (read in the kernel, cast with ``tl.pointer_type``).
 
     On CUDA the table is cached by its content (the pointer values themselves, so a hit
-    can never be stale): a training loop meets the same addresses step after step (the
-    caching allocator reuses blocks), and a miss is a pinned, non-blocking copy, so the
-    host never waits for the GPU to drain before a launch. A table also stays valid
-    inside a CUDA graph captured after it was built.
+    can never be stale): a training loop or a decode loop meets the same addresses step
+    after step (the caching allocator reuses blocks), so a hit costs one tuple and one
+    dict lookup on the host and nothing on the GPU. A miss is a pinned, non-blocking
+    copy (the host never waits for the GPU to drain before a launch); the pinned host
+    buffer is kept with the device table, never freed while the entry lives. A miss
+    during CUDA-graph capture records that copy in the graph, which replays it from the
+    host buffer: such entries are never evicted, so the buffer outlives the graph.
     """
     ptrs = tuple(x.data_ptr() for x in tensors)
     if device.type != "cuda":
         return torch.tensor(ptrs, dtype=torch.int64, device=device)
     key = (device.index, ptrs)
-    table = _PTR_TABLES.get(key)
-    if table is None:
+    entry = _PTR_TABLES.get(key) or _CAPTURED_TABLES.get(key)
+    if entry is None:
         host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
-        table = host.to(device, non_blocking=True)
-        _PTR_TABLES[key] = table
-        if len(_PTR_TABLES) > _PTR_TABLES_MAX:
-            _PTR_TABLES.popitem(last=False)
-    else:
+        entry = (host, host.to(device, non_blocking=True))
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED_TABLES[key] = entry
+        else:
+            _PTR_TABLES[key] = entry
+            if len(_PTR_TABLES) > _PTR_TABLES_MAX:
+                _PTR_TABLES.popitem(last=False)
+    elif key in _PTR_TABLES:
         _PTR_TABLES.move_to_end(key)
-    return table
+    return entry[1]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -258,7 +277,8 @@ def _flat(x: Tensor) -> Tensor:
 def _fused_fwd_kernel(
     tab,
     first,
-    U,
+    Q,
+    Gk,
     out,
     m_out,
     l_out,
@@ -277,7 +297,8 @@ def _fused_fwd_kernel(
     """One token tile, whole rows in registers: each source read once, output written once.
 
     ``PHASE1``: write the unnormalised ``o`` (fp32) and ``m, l`` for S queries; otherwise
-    write ``scale * o / l`` in the output's dtype (S = 1).
+    write ``scale * o / l`` in the output's dtype (S = 1). ``u = Q * Gk`` is formed here
+    (one launch per call: what a decode step pays for).
     """
     if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
         D = D // VEC * VEC
@@ -291,7 +312,11 @@ def _fused_fwd_kernel(
     smask = s < S
     offs = t64[:, None] * D + dd[None, :]
     mask2 = tmask[:, None] & dmask[None, :]
-    u = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    u_off = s[:, None] * D + dd[None, :]
+    u_mask = smask[:, None] & dmask[None, :]
+    u = tl.load(Q + u_off, mask=u_mask, other=0.0).to(tl.float32) * tl.load(Gk + u_off, mask=u_mask, other=0.0).to(
+        tl.float32
+    )
     m = tl.full([S_PAD, BT], float("-inf"), tl.float32)
     l = tl.zeros([S_PAD, BT], tl.float32)
     acc = tl.zeros([S_PAD, BT, BD], tl.float32)
@@ -566,6 +591,92 @@ def _apply_bwd_kernel(
 
 
 @triton.jit
+def _fused_bwd_kernel(
+    tab,
+    first,
+    gtab,
+    gfirst,
+    Q,
+    Gk,
+    G,
+    partial,
+    num_src,
+    T,
+    D,
+    num_tiles,
+    NG,
+    eps,
+    scale,
+    K_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """``block_attnres`` backward in one kernel, whole rows in registers (rows up to 4096).
+
+    Per token tile: the first loop reads each source row once for its RMS, logit and
+    ``grad_out . v_i`` (kept as ``[K_PAD, BT]`` register tables), the softmax and the
+    fp32 ``grad_out . h`` follow, and the second loop re-reads each row right away (from
+    L1/L2: the tile of all sources was just read) to write its gradient. So each source
+    crosses the memory bus once per backward while the ``K x BT x d`` tiles of the
+    programs in flight fit in L2; no scratch, no second launch. Program ``g`` visits tiles
+    ``g, g + NG, ...`` and keeps its ``grad u`` partial sum in registers (written once).
+    """
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
+    g = tl.program_id(0)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    u = tl.load(Q + dd, mask=dmask, other=0.0).to(tl.float32) * tl.load(Gk + dd, mask=dmask, other=0.0).to(tl.float32)
+    kk = tl.arange(0, K_PAD)
+    kvalid = kk < num_src
+    gu = tl.zeros([BD], tl.float32)
+    for tile in range(g, num_tiles, NG):
+        t = tile * BT + tl.arange(0, BT)
+        t64 = t.to(tl.int64)
+        tmask = t < T
+        offs = t64[:, None] * D + dd[None, :]
+        mask2 = tmask[:, None] & dmask[None, :]
+        go = tl.load(G + offs, mask=mask2, other=0.0).to(tl.float32)
+        zs = tl.zeros([K_PAD, BT], tl.float32)
+        rs = tl.zeros([K_PAD, BT], tl.float32)
+        dgs = tl.zeros([K_PAD, BT], tl.float32)
+        for i in range(num_src):
+            src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)
+            v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.reduce(v * v, 1, _sum_combine) / D + eps)
+            sel = kk[:, None] == i
+            zs = tl.where(sel, (tl.reduce(v * u[None, :], 1, _sum_combine) * r)[None, :], zs)
+            rs = tl.where(sel, r[None, :], rs)
+            dgs = tl.where(sel, tl.reduce(go * v, 1, _sum_combine)[None, :], dgs)
+        peak = tl.max(tl.where(kvalid[:, None], zs, float("-inf")), 0)
+        p = tl.where(kvalid[:, None], tl.exp(zs - peak[None, :]), 0.0)
+        alpha = p / tl.reduce(p, 0, _sum_combine)[None, :]
+        go_h = scale * tl.reduce(alpha * dgs, 0, _sum_combine)  # fp32 grad_out . h from the dots
+        gz = alpha * (scale * dgs - go_h[None, :])
+        cgs = scale * alpha
+        cus = gz * rs
+        cvs = -gz * zs * rs * rs / D
+        for i in range(num_src):
+            src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            dst = tl.load(gtab + i).to(tl.pointer_type(gfirst.dtype.element_ty))
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)
+                dst = tl.multiple_of(dst, 16)
+            v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+            sel = kk[:, None] == i
+            cg = tl.reduce(tl.where(sel, cgs, 0.0), 0, _sum_combine)
+            cu = tl.reduce(tl.where(sel, cus, 0.0), 0, _sum_combine)
+            cv = tl.reduce(tl.where(sel, cvs, 0.0), 0, _sum_combine)
+            gv = cg[:, None] * go + cu[:, None] * u[None, :] + cv[:, None] * v
+            tl.store(dst + offs, gv.to(gfirst.dtype.element_ty), mask=mask2)
+            gu += tl.reduce(cu[:, None] * v, 0, _sum_combine)
+    tl.store(partial + g.to(tl.int64) * D + dd, gu, mask=dmask)
+
+
+@triton.jit
 def _phase2_fwd_kernel(
     O,
     m_in,
@@ -768,7 +879,8 @@ def _groups(num_tiles: int, chunks: int, device: torch.device) -> int:
 
 def _forward(
     sources: Sequence[Tensor],
-    u: Tensor,
+    queries: Tensor,
+    gains: Tensor,
     eps: float,
     scale: float,
     phase1: bool,
@@ -779,7 +891,7 @@ def _forward(
     first = srcs[0]
     d = first.shape[-1]
     t = first.numel() // max(d, 1)
-    s = u.shape[0]
+    s = queries.shape[0]
     s_pad = _pow2(s)
     dev = first.device
     if phase1:
@@ -805,7 +917,8 @@ def _forward(
             (triton.cdiv(t, bt),),
             tab,
             first,
-            u,
+            _flat(queries),
+            _flat(gains),
             out,
             m,
             l,
@@ -824,6 +937,7 @@ def _forward(
         )
     else:
         bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+        u = _u(queries, gains)
         z = torch.empty((len(srcs), s, t), dtype=torch.float32, device=dev)
         _launch(
             _stats_kernel, (triton.cdiv(t, bt),),
@@ -894,6 +1008,47 @@ def _backward(
     return grads, partial.sum(dim=0)
 
 
+FUSED_BWD_MAX_D = 4096  # widest row the fused backward holds in registers (grad_out, v, u, grad u)
+
+
+def _fused_bwd_config(d: int, t: int) -> tuple[int, int, int] | None:
+    """(BT, BD, num_warps) of the fused backward, or None beyond ``FUSED_BWD_MAX_D``."""
+    bd = _pow2(d)
+    if bd > FUSED_BWD_MAX_D:
+        return None
+    cap = INTERPRET_MAX_BT if _interpret() else 8
+    budget = (1 << 18) if _interpret() else 4096
+    bt = MIN_BT
+    while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
+        bt *= 2
+    return bt, bd, _warps(2 * bt * bd)
+
+
+def _fused_backward(grad_out: Tensor, sources, query: Tensor, key_gain: Tensor, eps: float, scale: float):
+    """Single-read backward of ``block_attnres`` (``grads, grad u``), or None when the row is too wide."""
+    srcs = [_flat(x) for x in sources]
+    first = srcs[0]
+    d = first.shape[-1]
+    t = first.numel() // max(d, 1)
+    cfg = _fused_bwd_config(d, t)
+    if cfg is None or t == 0 or d == 0:
+        return None
+    bt, bd, nw = cfg
+    dev = first.device
+    grads = [torch.empty_like(x) for x in srcs]
+    num_tiles = triton.cdiv(t, bt)
+    ng = _groups(num_tiles, 1, dev)
+    partial = torch.empty((ng, d), dtype=torch.float32, device=dev)
+    vec = min(_vec(srcs, d), _vec(grads, d))
+    _launch(
+        _fused_bwd_kernel, (ng,),
+        _ptr_table(srcs, dev), first, _ptr_table(grads, dev), grads[0], _flat(query), _flat(key_gain), grad_out,
+        partial, len(srcs), t, d, num_tiles, ng, eps, scale,
+        K_PAD=_pow2(len(srcs)), BT=bt, BD=bd, VEC=vec, num_warps=nw,
+    )  # fmt: skip
+    return grads, partial.sum(dim=0)
+
+
 # --- public launchers -----------------------------------------------------------------
 
 
@@ -910,7 +1065,7 @@ def attnres_forward(
     """Triton ``block_attnres``; ``block_d``/``fused=False`` force the split path (tests)."""
     if sources[0].dtype == torch.float64:
         return K.attnres_forward(sources, query, key_gain, eps, scale)
-    return _forward(sources, _u(query, key_gain)[None], eps, scale, False, block_d, fused)
+    return _forward(sources, query[None], key_gain[None], eps, scale, False, block_d, fused)
 
 
 def attnres_backward(
@@ -926,10 +1081,14 @@ def attnres_backward(
     """Triton ``block_attnres_backward`` (recomputes the logits; two reads of each source)."""
     if sources[0].dtype == torch.float64:
         return K.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
-    grads, gu = _backward(
-        _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
-    )
-    gu = gu[0]
+    fused = _fused_backward(_flat(grad_out), sources, query, key_gain, eps, scale) if block_d is None else None
+    if fused is not None:
+        grads, gu = fused
+    else:
+        grads, gu = _backward(
+            _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
+        )
+        gu = gu[0]
     return grads, (gu * key_gain.float()).to(query.dtype), (gu * query.float()).to(key_gain.dtype)
 
 
@@ -945,7 +1104,7 @@ def phase1_forward(
     """Triton ``block_phase1``: S queries over the shared sources, one launch."""
     if sources[0].dtype == torch.float64:
         return K.phase1_forward(sources, queries, key_gains, eps)
-    return _forward(sources, _u(queries, key_gains), eps, 1.0, True, block_d, fused)
+    return _forward(sources, queries, key_gains, eps, 1.0, True, block_d, fused)
 
 
 def phase1_backward(
