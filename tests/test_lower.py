@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import attnres_rewrite  # noqa: F401  (registers torch.ops.attnres)
-from attnres_rewrite.passes.lower import count_ops, lower_two_phase
+from attnres_rewrite.passes.lower import count_ops, decompose, lower_two_phase
 from attnres_rewrite.reference import block_partition, mode_scale
 
 
@@ -65,8 +65,8 @@ class ToyStream(nn.Module):
 class Recorder:
     """Dynamo backend: run the pass, then AOTAutograd with recording pass-through compilers."""
 
-    def __init__(self, two_phase=True):
-        self.two_phase = two_phase
+    def __init__(self, two_phase=True, lowering="two_phase"):
+        self.two_phase, self.lowering = two_phase, lowering
         self.reports, self.graphs, self.targets = [], [], {}
 
     def _record(self, kind):
@@ -79,7 +79,10 @@ class Recorder:
         return compiler
 
     def __call__(self, gm, example_inputs):
-        self.reports.append(lower_two_phase(gm, two_phase=self.two_phase))
+        if self.lowering == "decompose":
+            self.reports.append(decompose(gm))
+        else:
+            self.reports.append(lower_two_phase(gm, two_phase=self.two_phase))
         aot = aot_autograd(fw_compiler=self._record("forward"), bw_compiler=self._record("backward"))
         return aot(gm, example_inputs)
 
@@ -186,3 +189,13 @@ def test_graph_without_metadata_is_left_alone():
     report = lower_two_phase(gm)
     assert report.attnres_nodes == 7 and report.phase1_calls == 0 and report.left_alone == 7
     assert count_ops(gm) == {"block_attnres": 7}
+
+
+def test_decompose_is_exact_and_leaves_no_attnres_op():
+    """The CPU lowering: every call written out in ATen ops; AOTAutograd differentiates them."""
+    model, rec = ToyStream(6, 3, mode="exact"), Recorder(lowering="decompose")
+    _check_against_eager(model, rec)
+    (report,) = rec.reports
+    assert report.lowering == "decompose" and report.decomposed == report.attnres_nodes == 7
+    assert count_ops(report.graph_module) == {}
+    assert all(counts == {} for _, counts in rec.graphs), rec.graphs

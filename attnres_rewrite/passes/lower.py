@@ -39,6 +39,7 @@ import torch
 from torch import fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.attnres.*)
+from ..reference import acc
 
 _ARG_NAMES = ("sources", "query", "key_gain", "eps", "scale")
 
@@ -130,6 +131,8 @@ class LoweringReport:
     groups: list[tuple[int, int]] = field(default_factory=list)  # (completed sources, sublayers) per block
     left_alone: int = 0
     two_phase: bool = True
+    lowering: str = "two_phase"  # or "decompose" (CPU default), "single" (calls left as they are)
+    decomposed: int = 0
     graph_module: fx.GraphModule | None = None
     inductor_config: dict = field(default_factory=dict)
     aot_graphs: list[tuple[str, dict[str, int]]] = field(default_factory=list)
@@ -282,6 +285,46 @@ def _out_dtype(call: _Call) -> torch.dtype | None:
     return None
 
 
+# --------------------------------------------------------------------------------------
+# CPU: a decomposition Inductor can fuse
+
+
+def attnres_decomposed(
+    sources: list[torch.Tensor], query: torch.Tensor, key_gain: torch.Tensor, eps: float, scale: float
+):
+    """``block_attnres`` in plain differentiable ATen ops (fp32 statistics; fp64 for fp64), for Inductor.
+
+    On CPU the custom op is opaque to Inductor (an external call per sublayer, never
+    fused with its neighbours); written out, Inductor fuses the K RMS/logit reductions
+    into one loop over the sources and the weighted sum into its consumer, and
+    AOTAutograd derives the backward (fp32, so ``grad_out . h`` stays exact in fp32).
+    The same math as :func:`attnres_rewrite.reference.attnres`.
+    """
+    u = acc(query) * acc(key_gain)
+    logits = []
+    for v in sources:
+        vf = acc(v)
+        logits.append((vf * u).sum(-1) * torch.rsqrt(vf.square().mean(-1) + eps))
+    alpha = torch.softmax(torch.stack(logits), dim=0) * scale
+    out = alpha[0].unsqueeze(-1) * acc(sources[0])
+    for i in range(1, len(sources)):
+        out = out + alpha[i].unsqueeze(-1) * acc(sources[i])
+    return out.to(sources[0].dtype)
+
+
+def decompose(gm: fx.GraphModule) -> LoweringReport:
+    """Replace every ``block_attnres`` call by :func:`attnres_decomposed` (in place)."""
+    nodes = [n for n in gm.graph.nodes if is_block_attnres(n)]
+    report = LoweringReport(attnres_nodes=len(nodes), two_phase=False, graph_module=gm, lowering="decompose")
+    for node in nodes:
+        node.target = attnres_decomposed
+    report.decomposed = len(nodes)
+    if nodes:
+        gm.graph.lint()
+        gm.recompile()
+    return report
+
+
 def lower_two_phase(gm: fx.GraphModule, two_phase: bool = True, min_group: int = 2) -> LoweringReport:
     """Apply the two-phase schedule to ``gm`` in place and report what was done.
 
@@ -289,7 +332,9 @@ def lower_two_phase(gm: fx.GraphModule, two_phase: bool = True, min_group: int =
     AttnRes calls), so the backend can compare both schedules on one model.
     """
     nodes = [n for n in gm.graph.nodes if is_block_attnres(n)]
-    report = LoweringReport(attnres_nodes=len(nodes), two_phase=two_phase, graph_module=gm)
+    report = LoweringReport(
+        attnres_nodes=len(nodes), two_phase=two_phase, graph_module=gm, lowering="two_phase" if two_phase else "single"
+    )
     calls = [c for c in map(_Call.parse, nodes) if c is not None]
     if not two_phase or not calls:
         report.left_alone = len(nodes)
