@@ -133,7 +133,7 @@ int attnres_cpu_forward(int dtype, const int64_t* ptrs, int K, int64_t T, int64_
     {
         std::vector<float> rows(dtype == 0 ? 0 : static_cast<size_t>(K) * D);
         std::vector<const float*> vp(K);
-        std::vector<float> z(K), acc(D);
+        std::vector<float> z(K), acc(dtype == 0 ? 0 : D);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
             float zmax = -INFINITY;
@@ -156,19 +156,20 @@ int attnres_cpu_forward(int dtype, const int64_t* ptrs, int K, int64_t T, int64_
                 l += z[i];
             }
             const float inv = scale / l;
+            float* o = dtype == 0 ? static_cast<float*>(out) + t * D : acc.data();  // fp32: accumulate in place
             {
                 const float a = z[0] * inv;
                 const float* v = vp[0];
 #pragma omp simd
-                for (int64_t j = 0; j < D; ++j) acc[j] = a * v[j];
+                for (int64_t j = 0; j < D; ++j) o[j] = a * v[j];
             }
             for (int i = 1; i < K; ++i) {
                 const float a = z[i] * inv;
                 const float* v = vp[i];
 #pragma omp simd
-                for (int64_t j = 0; j < D; ++j) acc[j] += a * v[j];
+                for (int64_t j = 0; j < D; ++j) o[j] += a * v[j];
             }
-            store_row(dtype, out, t, D, acc.data());
+            if (dtype != 0) store_row(dtype, out, t, D, o);
         }
     }
     return 0;
