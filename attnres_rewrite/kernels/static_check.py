@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -132,12 +133,14 @@ def triton_target_dir(version: str = TRITON36, install: bool = True) -> Path | N
     if not install:
         return None
     tmp = cache / f"triton-{version}.partial"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp), f"triton=={version}"]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--timeout", "30", "--retries", "1"]
+    cmd += ["--target", str(tmp), f"triton=={version}"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0 or not (tmp / "triton" / "__init__.py").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
         return None
     if target.exists():  # another process won the race
         return target
