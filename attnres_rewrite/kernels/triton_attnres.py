@@ -1021,7 +1021,8 @@ def _fused_bwd_config(d: int, t: int) -> tuple[int, int, int] | None:
     bt = MIN_BT
     while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
         bt *= 2
-    return bt, bd, _warps(2 * bt * bd)
+    # at least 4 warps: Triton 3.6 spilled the 2-warp d = 64 variant (sm_90 gate)
+    return bt, bd, max(4, _warps(2 * bt * bd))
 
 
 def _fused_backward(grad_out: Tensor, sources, query: Tensor, key_gain: Tensor, eps: float, scale: float):
