@@ -206,7 +206,7 @@ def dropout_mode_check(seed: int = 0) -> dict:
     differ only if it is), and how far ``eval()`` is from the original's ``eval()``.
     """
     import attnres_rewrite
-    import samples
+    from attnres_rewrite import samples
 
     model, (x,) = samples.get("llama", layers=1, dropout=0.5, seed=seed)
     found = {}

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import attnres_rewrite as ar
-import samples
+from attnres_rewrite import samples
 from attnres_rewrite.adapter import CONFIG_NAME, WEIGHTS_NAME
 from attnres_rewrite.errors import AdapterError, InvalidInputError
 from attnres_rewrite.passes.plan import ConversionPlan

@@ -177,3 +177,16 @@ def test_atomic_directory_replaces_on_success_and_keeps_the_old_one_on_error(tmp
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_bundled_samples_do_not_collide_with_a_users_samples_package(tmp_path, monkeypatch):
+    """A user's own ``samples`` package on sys.path used to shadow ours (exit 3: no attribute SAMPLES)."""
+    import importlib
+    import sys
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "__init__.py").write_text("MINE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "samples", raising=False)
+    assert_user_error(invoke("inspect", "samples:nope"), "unknown sample 'nope'; available: bert, gpt2, llama")
+    assert importlib.import_module("samples").MINE  # theirs is still theirs

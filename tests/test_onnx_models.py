@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import attnres_rewrite
-import samples
+from attnres_rewrite import samples
 from attnres_rewrite.errors import ExportError, NotConvertibleError
 from attnres_rewrite.onnx import export_onnx
 from attnres_rewrite.onnx.verify import tensor_leaves

@@ -85,7 +85,7 @@ def _explain_unknown(spec: str, path: Path) -> str:
 
 
 def _from_sample(spec: str, name: str, *, batch: int | None, seq_len: int | None) -> ResolvedModel:
-    import samples
+    from .. import samples
 
     names = sorted(samples.SAMPLES)
     if name not in samples.SAMPLES:
