@@ -174,18 +174,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ensure_output_free(path: Path, *, force: bool, kind: str) -> None:
-    """Refuse to overwrite a non-empty directory or an existing file unless --force."""
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InvalidInputError(f"output {kind} {str(path)!r} exists and is not empty; pass --force to replace it.")
-    if path.is_file() and kind == "directory":
-        raise InvalidInputError(f"output {str(path)!r} is a file; pass a directory path.")
-    if path.exists() and kind == "file" and not force:
-        raise InvalidInputError(f"output file {str(path)!r} exists; pass --force to replace it.")
-    if path.is_dir() and kind == "file":
-        raise InvalidInputError(f"output {str(path)!r} is a directory; pass a file path such as model.onnx.")
-
-
 def device_of(name: str | None) -> torch.device:
     if name:
         try:

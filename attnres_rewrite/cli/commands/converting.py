@@ -17,7 +17,7 @@ import torch
 from attnres_rewrite import __version__
 
 from ...fileio import atomic_directory
-from .. import common, output
+from .. import common, destination, output
 
 PAPER_MODE_HINT = 1e-3  # rel. difference above which paper mode is worth a hint about --mode exact
 
@@ -33,7 +33,7 @@ def run(
     seed: int,
     as_json: bool,
 ) -> None:
-    common.ensure_output_free(out, force=force, kind="directory")  # before any slow step
+    destination.check_directory(out, force=force, model_spec=spec)  # before any slow step
     start = time.perf_counter()
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.convert(resolved, options)
@@ -51,15 +51,15 @@ def run(
         "outputs_finite": check["finite"],
         "notes": list(getattr(converted.attnres_plan, "notes", [])),
         "adapter": str(out),
-        "files": [*common.ADAPTER_FILES, "report.json"],
+        "files": [*common.ADAPTER_FILES, destination.REPORT_NAME],
         "attnres_version": __version__,
         "torch_version": torch.__version__,
         "seconds": round(time.perf_counter() - start, 3),
     }
     api = common.backend("api")
-    with output.step(f"Writing {out}"), atomic_directory(out) as tmp:
+    with output.step(f"Writing {out}"), destination.writing(out), atomic_directory(out) as tmp:
         api.save_adapter(converted, tmp)
-        (tmp / "report.json").write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
+        (tmp / destination.REPORT_NAME).write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
     if options.mode == "paper" and max_rel > PAPER_MODE_HINT:
         output.note(
             f"paper mode changes this model's outputs (max rel. diff {max_rel:.2e}): expected for streams without "
