@@ -150,6 +150,15 @@ def test_num_blocks_out_of_range(toy, bad):
         convert_captured(captured, num_blocks=bad)
 
 
+@pytest.mark.parametrize("flag", ["num_blocks", "block_size"])
+def test_block_counts_and_sizes_beyond_the_sublayers_are_refused_alike(toy, flag):
+    """--blocks 7 on 5 sublayers was refused while --block-size 100 was quietly capped to one block."""
+    _, captured = toy
+    with pytest.raises(InvalidInputError, match=rf"{flag}=6 is out of range .* between 1 and 5"):
+        convert_captured(captured, **{flag: 6})
+    assert len(convert_captured(captured, **{flag: 5}).attnres_plan.streams[0].blocks) == (5 if flag == "num_blocks" else 1)
+
+
 @pytest.mark.parametrize(
     "options, match",
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ class ConversionOptions:
         ]
         if len(chosen) > 1:
             raise InvalidInputError(f"{' and '.join(chosen)} are alternatives; pass only one of them.")
-        if self.eps is not None and not self.eps > 0:
-            raise InvalidInputError(f"--eps must be positive, got {self.eps}.")
+        if self.eps is not None and not 0 < self.eps < math.inf:
+            raise InvalidInputError(f"--eps must be a positive finite number (e.g. 1e-6), got {self.eps}.")
 
     @property
     def given(self) -> bool:

@@ -108,7 +108,12 @@ class ConversionPlan:
 def resolve_partition(
     num_sublayers: int, num_blocks: int | None, block_size: int | None, full: bool, stream: str = "stream"
 ) -> list[list[int]]:
-    """Block partition of one stream, as ``[start, stop)`` pairs; bad requests raise InvalidInputError."""
+    """Block partition of one stream, as ``[start, stop)`` pairs; bad requests raise InvalidInputError.
+
+    An explicit ``num_blocks`` or ``block_size`` beyond the stream's sublayer count is
+    refused, both alike, rather than quietly capped: the user asked for a partition
+    this stream cannot have. Only the default (8 blocks) is capped at the count.
+    """
     if full:
         if num_blocks is not None or block_size is not None:
             raise InvalidInputError(
@@ -125,8 +130,11 @@ def resolve_partition(
             f"num_blocks={num_blocks} is out of range for stream {stream!r}: it has {num_sublayers} sublayers, "
             f"so num_blocks must be between 1 and {num_sublayers}"
         )
-    if block_size is not None and block_size < 1:
-        raise InvalidInputError(f"block_size must be >= 1, got {block_size}")
+    if block_size is not None and not 1 <= block_size <= num_sublayers:  # as num_blocks: no silent cap
+        raise InvalidInputError(
+            f"block_size={block_size} is out of range for stream {stream!r}: it has {num_sublayers} sublayers, "
+            f"so block_size must be between 1 and {num_sublayers}"
+        )
     return [[r.start, r.stop] for r in block_partition(num_sublayers, num_blocks, block_size)]
 
 
