@@ -90,6 +90,35 @@ def test_corrupted_adapter_is_a_user_error(adapter, tmp_path):
     assert "attnres_config.json" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda plan: plan["streams"][0].update(blocks=[[1, 2], [0, 1]]), "blocks: block 0 starts at 1, expected 0"),
+        (lambda plan: plan["streams"][0].update(blocks=[[0, 2], [2, 9]]), "the blocks end at 9 but the stream has"),
+        (lambda plan: plan["streams"][0].update(query="h.0.attn.c_attn.weight"), "query: must be 'attnres.h.query'"),
+        (lambda plan: plan.clear(), "plan: missing field(s)"),
+    ],
+    ids=["reversed", "out-of-range", "query-renamed", "empty-plan"],
+)
+def test_a_tampered_adapter_is_refused_not_applied(adapter, tmp_path, edit, message):
+    """A reversed or out-of-range partition used to be loaded and exported with exit code 0."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(adapter[0], tampered)
+    config = json.loads((tampered / "attnres_config.json").read_text())
+    edit(config["plan"])
+    (tampered / "attnres_config.json").write_text(json.dumps(config))
+    onnx_file = tmp_path / "m.onnx"
+    for args in (["verify"], ["export", "-o", str(onnx_file)]):
+        result = invoke(args[0], "samples:gpt2", "--adapter", str(tampered), *args[1:])
+        assert result.exit_code == 2, (result.stderr, result.exception)
+        assert message in result.stderr and "is not a valid AttnRes adapter config" in result.stderr
+        assert "Traceback" not in result.output
+    assert not onnx_file.exists()
+    (tampered / "attnres_config.json").write_text("[1, 2]")  # valid JSON, not an object: was exit 3
+    result = invoke("verify", "samples:gpt2", "--adapter", str(tampered))
+    assert result.exit_code == 2 and "expected a JSON object, got list" in result.stderr
+
+
 def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
     payload = ok_json(invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--json"))
     assert payload["ok"] is True

@@ -17,12 +17,14 @@ sublayer ``l`` and the last row ``A`` is the stream-output aggregation.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..reference import DEFAULT_EPS, MODES, block_partition
+from .plan_schema import check_plan_dict
 
 __all__ = ["StreamPlan", "ConversionPlan", "PLAN_FORMAT", "make_stream_plan"]
 
@@ -89,12 +91,15 @@ class ConversionPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConversionPlan:
-        if not isinstance(data, dict) or "streams" not in data:
-            raise ValueError("a conversion plan is a dict with a 'streams' list")
-        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-            raise ValueError(f"plan format {data.get('format')} is not supported (this version reads {PLAN_FORMAT})")
-        streams = [StreamPlan(**s) for s in data["streams"]]
-        rest = {k: v for k, v in data.items() if k != "streams"}
+        """Rebuild a plan from :meth:`to_dict` output, refusing anything that is not a valid plan.
+
+        Serialised plans come from files a user may have edited or received, so every
+        field is checked (:func:`.plan_schema.check_plan_dict`): an invalid one raises
+        :class:`~attnres_rewrite.errors.InvalidInputError` naming it.
+        """
+        check_plan_dict(data)
+        streams = [StreamPlan(**copy.deepcopy(s)) for s in data["streams"]]
+        rest = {k: copy.deepcopy(v) for k, v in data.items() if k != "streams"}
         return cls(streams=streams, **rest)
 
     def to_json(self, indent: int | None = 2) -> str:
