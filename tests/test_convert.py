@@ -156,7 +156,8 @@ def test_block_counts_and_sizes_beyond_the_sublayers_are_refused_alike(toy, flag
     _, captured = toy
     with pytest.raises(InvalidInputError, match=rf"{flag}=6 is out of range .* between 1 and 5"):
         convert_captured(captured, **{flag: 6})
-    assert len(convert_captured(captured, **{flag: 5}).attnres_plan.streams[0].blocks) == (5 if flag == "num_blocks" else 1)
+    blocks = convert_captured(captured, **{flag: 5}).attnres_plan.streams[0].blocks
+    assert len(blocks) == (5 if flag == "num_blocks" else 1)
 
 
 @pytest.mark.parametrize(
