@@ -11,7 +11,7 @@ import typer
 
 
 class Mode(str, Enum):
-    """SPEC section 1 init modes: ``paper`` (the formula) or ``exact`` (equal at conversion)."""
+    """docs/spec.md section 1 init modes: ``paper`` (the formula) or ``exact`` (equal at conversion)."""
 
     paper = "paper"
     exact = "exact"
@@ -67,7 +67,7 @@ ModeOpt = Annotated[
     typer.Option(
         "--mode",
         "-m",
-        help="paper: SPEC formula; exact: equal to the original at conversion.",
+        help="paper: the formula of docs/spec.md; exact: equal to the original at conversion.",
         rich_help_panel=CONVERSION,
     ),
 ]

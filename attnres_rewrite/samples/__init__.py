@@ -6,7 +6,7 @@ attnres-rewrite adds no top-level ``samples`` module to site-packages and a user
 
 Each module ``attnres_rewrite/samples/<name>.py`` exposes ``build(**overrides) -> (model, example_inputs)``
 (the model in ``eval()`` mode with deterministic weights, ``example_inputs`` a tuple of
-positional arguments), ``KIND`` (the SPEC section 2 classification its stream should
+positional arguments), ``KIND`` (the docs/spec.md section 2 classification its stream should
 get: ``prenorm``, ``postnorm`` or ``postact``) and ``DYNAMIC_DIMS`` (per input, the
 axes that may vary: batch, and sequence for token models).
 """
