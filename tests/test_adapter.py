@@ -246,13 +246,37 @@ def test_float64_weights_load_into_the_models_dtype(trained, tmp_path):
     torch.testing.assert_close(loaded.attnres.layers.query, converted.attnres.layers.query, rtol=0, atol=0)
 
 
+def load_reusing_trace(traced, directory):
+    """``load_adapter`` onto ``traced.model`` with its existing trace: a fresh module of the same program.
+
+    That is what tracing the same model again gives (``Captured.take_module``), for a
+    fraction of the time; everything after the trace runs as in a real load.
+    """
+    import dataclasses
+
+    from attnres_rewrite.passes import capture as capture_module
+
+    def capture(model, example_inputs, **kwargs):
+        assert model is traced.model
+        return dataclasses.replace(
+            traced, module=traced.program.module(), notes=list(traced.notes), _module_taken=False
+        )
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(capture_module, "capture", capture)
+        return ar.load_adapter(traced.model, (*traced.args,), directory)
+
+
 def test_a_feature_axis_or_kind_other_than_the_models_is_refused(trained, tmp_path):
     """A token stream aggregated as channel-first would permute the wrong axes: refuse, do not apply."""
+    from attnres_rewrite.passes.capture import capture
+
     _, inputs, directory = trained
-    model, _ = samples.get("llama", layers=2)
+    traced = capture(samples.get("llama", layers=2)[0], inputs)
+    assert load_reusing_trace(traced, directory).attnres_plan.streams[0].feature_axis == -1  # the helper loads
     channel_first = tampered(directory, tmp_path / "axis", config=_stream(lambda s: s.update(feature_axis=1)))
     with pytest.raises(AdapterError, match="features on axis -1 in the model, prenorm on axis 1 in the adapter"):
-        ar.load_adapter(model, inputs, channel_first)
+        load_reusing_trace(traced, channel_first)
     additive = tampered(directory, tmp_path / "kind", config=_stream(lambda s: s.update(kind="additive")))
     with pytest.raises(AdapterError, match="a prenorm stream .* additive on axis -1 in the adapter"):
-        ar.load_adapter(model, inputs, additive)
+        load_reusing_trace(traced, additive)

@@ -18,7 +18,6 @@ loading the weights) runs for real on every example.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
@@ -31,6 +30,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_adapter import load_reusing_trace
 
 import attnres_rewrite as ar
 from attnres_rewrite import samples
@@ -71,18 +71,8 @@ def base(tmp_path_factory):
 
 
 def _load(base: dict, directory: Path) -> torch.nn.Module:
-    """``load_adapter`` with the model's trace reused (a fresh module from it, as a new trace would give)."""
-    traced = base["traced"]
-
-    def capture(model, example_inputs, **kwargs):
-        assert model is base["model"]
-        return dataclasses.replace(
-            traced, module=traced.program.module(), notes=list(traced.notes), _module_taken=False
-        )
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(capture_module, "capture", capture)
-        return ar.load_adapter(base["model"], base["inputs"], directory)
+    """``load_adapter`` with the model's trace reused (see test_adapter.load_reusing_trace)."""
+    return load_reusing_trace(base["traced"], directory)
 
 
 # --------------------------------------------------------------------------------------
