@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,6 +202,7 @@ def cheap_convert(tiny, monkeypatch):
 @contextmanager
 def file_size_limit(limit: int):
     """Writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ ignored, limits restored)."""
+    resource = pytest.importorskip("resource")  # POSIX only
     old_limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limits[1]))
@@ -237,3 +237,19 @@ def test_a_failing_report_write_is_a_user_error_too(tmp_path, cheap_convert, mon
     result = invoke("convert", "samples:llama", "-o", str(tmp_path / "adapter"))
     refused(result, "No space left on device; free some space or choose another -o")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_filled_while_converting_is_not_replaced(tmp_path, tiny, monkeypatch):
+    """The check runs again just before writing: files that appeared during the conversion are kept."""
+    model, inputs, converted = tiny
+    out = tmp_path / "out"
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: ResolvedModel("samples:llama", "sample", model, inputs))
+
+    def convert_while_someone_writes(resolved, options):
+        out.mkdir()
+        (out / "theirs.txt").write_text("written meanwhile")
+        return converted
+
+    monkeypatch.setattr(common, "convert", convert_while_someone_writes)
+    refused(invoke("convert", "samples:llama", "-o", str(out), "--force"), "holds theirs.txt")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]

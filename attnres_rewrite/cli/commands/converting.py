@@ -57,6 +57,7 @@ def run(
         "seconds": round(time.perf_counter() - start, 3),
     }
     api = common.backend("api")
+    destination.check_directory(out, force=force, model_spec=spec)  # again: DIR may have changed meanwhile
     with output.step(f"Writing {out}"), destination.writing(out), atomic_directory(out) as tmp:
         api.save_adapter(converted, tmp)
         (tmp / destination.REPORT_NAME).write_text(json.dumps(output.jsonable(report), indent=2) + "\n")

@@ -36,6 +36,7 @@ def run(
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.converted_model(resolved, adapter, options)
     onnx = common.backend("onnx")
+    destination.check_file(out, force=force)  # again: FILE may have appeared while MODEL loaded
     with destination.writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
     # --seed also seeds the verification inputs, as in `attnres verify --onnx`
