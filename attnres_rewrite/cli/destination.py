@@ -160,17 +160,19 @@ def writing(target: Path) -> Iterator[None]:
     user's environment, not a bug; the temporary output is removed by the writer
     (``fileio``), so nothing half-written is left behind either way.
     """
+    from safetensors import SafetensorError
+
     try:
         yield
     except OutputError:
         raise
     except OSError as exc:
         raise OutputError(_write_failure(target, exc.errno, exc.strerror or str(exc))) from exc
-    except Exception as exc:
-        if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):  # safetensors wraps OS errors
-            code = _errno_in(str(exc))
-            raise OutputError(_write_failure(target, code, os.strerror(code) if code else str(exc))) from exc
-        raise
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):  # safetensors wraps the OS's errors; anything else is not the disk's
+            raise
+        code = _errno_in(str(exc))
+        raise OutputError(_write_failure(target, code, os.strerror(code) if code else str(exc))) from exc
 
 
 def _write_failure(target: Path, code: int | None, reason: str) -> str:
