@@ -121,16 +121,12 @@ def _toy(style="iterate", layers=6, container=nn.ModuleList):
 
 
 HF = {"llama": tiny_hf.llama, "gpt2": tiny_hf.gpt2, "neox": tiny_hf.neox, "t5": tiny_hf.t5, "vit": tiny_hf.vit}
-# depth 5: two replicated middle layers (2, 3), so replicas also feed replicas. T5 has two stacks, each traced
-# in full for the reference: depth 4 (one replica per stack) keeps its own cases (two stacks, layer 0's
-# position bias) at a fifth less tracing; the others cover replica chains.
-DEPTH = {"t5": 4}
 
 
 @pytest.mark.parametrize("name", sorted(HF))
 def test_sampled_trace_equals_full_trace_on_hf_models(name):
     torch.manual_seed(0)
-    model, inputs = HF[name](DEPTH.get(name, 5))
+    model, inputs = HF[name](5)
     model.eval()
     full = capture(model, inputs, trace_depth="full")
     sampled = capture(model, inputs, trace_depth="sampled")
