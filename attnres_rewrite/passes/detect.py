@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .norms import find_norms, metadata_only
+
 aten = torch.ops.aten
 
 __all__ = ["Sublayer", "Stream", "Detection", "detect", "stream_owner"]
@@ -85,12 +87,17 @@ _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 @dataclass
 class Sublayer:
-    """One residual branch: its raw output ``value`` is added to the stream by ``add``."""
+    """One residual branch: its raw output ``value`` is added to the stream by ``add``.
+
+    ``wraps``: value-preserving ops (dropout, casts, views) the model applied to a sum
+    of parallel branches before adding it; the rewrite applies them to each branch.
+    """
 
     value: Node
     add: Node
     reads: int  # index of the stream state the branch reads (0 = stream start)
     module_path: str
+    wraps: list[Node] = field(default_factory=list)
 
 
 @dataclass
@@ -287,24 +294,41 @@ class _Add:
     node: Node
     stream_operand: Node
     stream_root: Node  # the state this add continues
-    branches: list[Node]
+    branches: list[tuple[Node, list[Node]]]  # (value, wraps) per branch
     reads_root: Node  # the value the branches read
     link: str = "plain"  # plain | postnorm | postact | reshape
     link_node: Node | None = None
 
 
-def _split_parallel(g: _Graph, branch: Node, reads: Node) -> list[Node]:
-    """``f(s) + g(s)`` as one branch operand -> two sublayers (both must read ``s``)."""
-    out, todo = [], [branch]
+def _split_parallel(g: _Graph, branch: Node, reads: Node, add: Node) -> list[tuple[Node, list[Node]]]:
+    """``f(s) + g(s)`` as one branch operand -> two sublayers (both must read ``s``), with their wraps.
+
+    Parallel branches read the same stream value and are summed in the module that
+    holds the residual add; dropout, casts or views around their sum do not change that
+    (they become each branch's ``wraps``). A sum computed inside a child module (an MoE
+    block's routed + shared experts) is that module's output: one sublayer.
+    """
+    out, todo = [], [(branch, [])]
     while todo:
-        t = todo.pop()
-        if g.is_candidate_add(t) and len(t.users) == 1:
-            a, b = t.args[0], t.args[1]
+        t, wraps = todo.pop()
+        inner, around = t, []
+        while _is_see_through(inner) and len(inner.users) == 1:
+            around.append(inner)
+            inner = inner.args[0]
+        if g.is_candidate_add(inner) and len(inner.users) == 1 and _same_call(inner, add):
+            a, b = inner.args[0], inner.args[1]
             if g.depends_on(reads, a) and g.depends_on(reads, b):
-                todo.extend([a, b])
+                inner_wraps = [*reversed(around), *wraps]  # innermost first, the way they were applied
+                todo.extend([(a, inner_wraps), (b, inner_wraps)])
                 continue
-        out.append(t)
-    return sorted(out, key=g.index.__getitem__)
+        out.append((t, wraps))
+    return sorted(out, key=lambda item: g.index[item[0]])
+
+
+def _same_call(a: Node, b: Node) -> bool:
+    """Are ``a`` and ``b`` computed directly in the same module call (not one inside a child module)?"""
+    sa, sb = a.meta.get("nn_module_stack") or {}, b.meta.get("nn_module_stack") or {}
+    return list(sa) == list(sb)
 
 
 def _find_adds(g: _Graph) -> dict[Node, _Add]:
@@ -321,14 +345,14 @@ def _find_adds(g: _Graph) -> dict[Node, _Add]:
             if br_root is s_root:
                 continue
             if g.depends_on(s_root, br):
-                found = _Add(node, s, s_root, _split_parallel(g, br, s_root), s_root)
+                found = _Add(node, s, s_root, _split_parallel(g, br, s_root, node), s_root)
                 break
         if found is None:
             # GPT-J style (s + f(s)) + g(s): g reads the state before f was added
             for s, s_root, br in ((a, ra, b), (b, rb, a)):
                 prev = adds.get(s_root)
                 if prev is not None and g.depends_on(prev.reads_root, br):
-                    found = _Add(node, s, s_root, [br], prev.reads_root)
+                    found = _Add(node, s, s_root, [(br, [])], prev.reads_root)
                     break
         if found is not None:
             adds[node] = found
@@ -422,7 +446,7 @@ def _entry_consumers(g: _Graph, state: Node, skip: set[Node]) -> list[Node]:
             if user in seen or user in skip:
                 continue
             seen.add(user)
-            if user.op == "call_function" and user.target is aten._assert_tensor_metadata.default:
+            if metadata_only(user, n):
                 continue
             if _is_see_through(user):
                 todo.append(user)
@@ -445,8 +469,8 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     sublayers = []
     for k, add in enumerate(chain, start=1):
         reads = state_index.get(add.reads_root, k - 1)
-        for br in add.branches:
-            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(g.root(br), add.node)))
+        for br, wraps in add.branches:
+            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(g.root(br), add.node), wraps))
     val = _val(states[-1])
     dim = int(val.shape[-1]) if isinstance(val, torch.Tensor) and not isinstance(val.shape[-1], torch.SymInt) else -1
     paths = [s.module_path for s in sublayers]
@@ -500,14 +524,25 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     chain_nodes = {a.node for a in chain}
     eps_values, norm_paths, prenorm = [], [], True
     for reads in stream.input_states:
-        consumers = _entry_consumers(g, states[reads], chain_nodes)
+        state = states[reads]
+        consumers = _entry_consumers(g, state, chain_nodes)
         if not consumers:
             prenorm = False
+        # a norm is recognised by what it computes (the value over the root of its second moment)
+        covered = {n: norm for norm in find_norms(g.root(state), g.root, g.index) for n in norm.region}
         for c in consumers:
             if _is_batch_norm(c):
                 prenorm = False  # per-channel affine at inference: not invariant to the 1/K scale of paper mode
                 continue
-            if c.op == "call_function" and c.target in _NORM_OPS:
+            norm = covered.get(c)
+            if norm is not None:
+                path = (_innermost(norm.point) or (norm.point.name,))[0]
+                eps = norm.eps if norm.eps is not None else g.module_eps(path)
+                if eps is not None:
+                    eps_values.append(eps)
+                norm_paths.append(f"{path} ({norm.kind})")
+                continue
+            if c.op == "call_function" and c.target in _NORM_OPS:  # group/batch norm ops of conv streams
                 idx = _NORM_OPS[c.target]
                 eps = c.args[idx] if len(c.args) > idx else None
                 if isinstance(eps, (int, float)):
@@ -515,11 +550,11 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
                 norm_paths.append((_innermost(c) or (c.name,))[0])
                 continue
             entry = _innermost(c)
-            if _is_norm_module(entry):
+            if _is_norm_module(entry):  # a module named like a norm whose computation is not one we know
                 eps = g.module_eps(entry[0])
                 if eps is not None:
                     eps_values.append(eps)
-                norm_paths.append(entry[0])
+                norm_paths.append(f"{entry[0]} (by name)")
                 continue
             prenorm = False
     if prenorm:
