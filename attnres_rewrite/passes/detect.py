@@ -149,6 +149,44 @@ def _shape_key(node) -> tuple | None:
     return tuple(str(s) for s in v.shape)
 
 
+def _hint(size) -> int | None:
+    if isinstance(size, int):
+        return size
+    try:
+        return size.node.hint
+    except AttributeError:
+        return None
+
+
+def _same_dim(a, b) -> bool:
+    """Sizes equal in the traced program: as expressions, or as values >= 2 the trace could only tie by a guard.
+
+    Symbolic sizes can be different expressions that are equal under the trace's guards
+    (a branch that pads the sequence to a multiple of 8 and slices it back). Two
+    operands of an add that traced are equal wherever neither is 1 (that would
+    broadcast), so equal hints >= 2 are equal sizes.
+    """
+    if str(a) == str(b):
+        return True
+    ha, hb = _hint(a), _hint(b)
+    return ha is not None and ha == hb and ha >= 2
+
+
+def _same_features_and_numel(x, y) -> bool:
+    """The same value viewed another way: (B, T, d) and (B*T, d) keep the feature size and the element count."""
+    vx, vy = _val(x), _val(y)
+    if not (isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)) or not vx.dim() or not vy.dim():
+        return False
+    return _same_dim(vx.shape[-1], vy.shape[-1]) and _same_dim(vx.numel(), vy.numel())
+
+
+def _same_shape(x, y) -> bool:
+    vx, vy = _val(x), _val(y)
+    if not (isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)) or vx.dim() != vy.dim():
+        return False
+    return all(_same_dim(a, b) for a, b in zip(vx.shape, vy.shape))
+
+
 def _module_stack(node: Node) -> list[tuple[str, str]]:
     """``[(path, class qualname), ...]`` outermost first, from ``nn_module_stack``."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -175,12 +213,12 @@ def _is_see_through(node: Node) -> bool:
     src = node.args[0]
     if not isinstance(src, Node):
         return False
-    a, b = _shape_key(src), _shape_key(node)
-    if a is None or b is None:
+    a, b = _val(src), _val(node)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
     if node.target in _RESHAPES:  # (B, T, d) <-> (B*T, d): same value, feature axis kept
-        return len(a) >= 1 and len(b) >= 1 and a[-1] == b[-1]
-    return a == b
+        return a.dim() >= 1 and b.dim() >= 1 and _same_dim(a.shape[-1], b.shape[-1])
+    return _same_shape(src, node)
 
 
 class _Graph:
@@ -233,8 +271,7 @@ class _Graph:
         out = _val(node)
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or out.dim() < 1:
             return False
-        key = _shape_key(node)
-        if _shape_key(a) != key or _shape_key(b) != key:
+        if not (_same_shape(a, node) and _same_shape(b, node)):
             return False
         # a mixed-dtype add (type promotion) would give one aggregation sources of two dtypes
         return _val(a).dtype == out.dtype and _val(b).dtype == out.dtype
@@ -264,7 +301,7 @@ class _Graph:
                 if inp.op == "call_function" and (_innermost(inp) or ("", ""))[0] == path:
                     todo.append(inp)
                 elif inp.op in ("call_function", "placeholder") and isinstance(_val(inp), torch.Tensor):
-                    if _shape_key(inp) == _shape_key(node):
+                    if _same_shape(inp, node):
                         external.append(inp)
         roots = {self.root(x) for x in external}
         if len(roots) == 1:
@@ -506,13 +543,12 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     if conv:
         stream.feature_axis = 1
         stream.dim = dim = int(val.shape[1]) if not isinstance(val.shape[1], torch.SymInt) else -1
-        if len({_shape_key(s) for s in states}) > 1:
+        if not all(_same_shape(s, states[0]) for s in states):
             stream.kind, stream.convertible = "unsupported", False
             stream.reason = "shape change along a channel-first convolutional stream"
             return stream
-    shapes = {_shape_key(s) for s in states}
-    numels = {str(_val(s).numel()) for s in states if isinstance(_val(s), torch.Tensor)}
-    if len({sh[-1] if sh else None for sh in shapes}) > 1 or len(numels) > 1:
+    if not all(_same_features_and_numel(s, states[0]) for s in states):
+        shapes = {_shape_key(s) for s in states}
         stream.kind, stream.convertible = "unsupported", False
         stream.reason = f"shape change along the stream ({', '.join(sorted(map(str, shapes)))})"
         return stream
