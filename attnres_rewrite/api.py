@@ -134,12 +134,16 @@ def _check_convertible(detection: Detection) -> list[Stream]:
     return ok
 
 
-def _check_options(num_blocks, block_size, full, mode, eps) -> None:
+def _check_options(num_blocks, block_size, full, mode, eps, layers_per_block=None) -> None:
     check_mode(mode)
     check_eps(eps)
     if not isinstance(full, bool):
         raise InvalidInputError(f"full must be True or False, got {full!r}")
-    for label, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+    for label, value in (
+        ("num_blocks", num_blocks),
+        ("block_size", block_size),
+        ("layers_per_block", layers_per_block),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidInputError(f"{label} must be a positive integer, got {value!r}")
 
@@ -152,16 +156,23 @@ def build_plan(
     full: bool = False,
     mode: str = "paper",
     eps: float | None = None,
+    layers_per_block: int | None = None,
 ) -> ConversionPlan:
     """Plan the conversion of every convertible stream of ``detection``."""
-    _check_options(num_blocks, block_size, full, mode, eps)
+    _check_options(num_blocks, block_size, full, mode, eps, layers_per_block)
     streams = _check_convertible(detection)
-    planned = [
-        make_stream_plan(s, num_blocks=num_blocks, block_size=block_size, full=full, eps=eps, owner=stream_owner(s))
-        for s in streams
-    ]
+    options = dict(num_blocks=num_blocks, block_size=block_size, full=full, eps=eps, layers_per_block=layers_per_block)
+    planned = [make_stream_plan(s, owner=stream_owner(s), **options) for s in streams]
     notes = [f"{s.name}: not converted ({s.reason})" for s in detection.streams if not s.convertible]
-    return ConversionPlan(planned, mode=mode, full=full, num_blocks=num_blocks, block_size=block_size, notes=notes)
+    return ConversionPlan(
+        planned,
+        mode=mode,
+        full=full,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        notes=notes,
+        layers_per_block=layers_per_block,
+    )
 
 
 def convert(
@@ -171,6 +182,7 @@ def convert(
     num_blocks: int | None = None,
     block_size: int | None = None,
     full: bool = False,
+    layers_per_block: int | None = None,
     mode: str = "paper",
     eps: float | None = None,
     trace_depth: str = "auto",
@@ -180,8 +192,11 @@ def convert(
     ``model`` itself is not changed (it is deep-copied first; a model on the ``meta``
     device copies for free). :func:`convert_` converts in place, without the copy.
 
-    ``num_blocks`` (default 8, capped at each stream's sublayer count), ``block_size``
-    or ``full=True`` (one block per sublayer) choose the partition; ``mode`` is
+    The partition: ``num_blocks`` (default 8, capped at each stream's sublayer count)
+    or ``block_size`` split the stream's sublayers (``S = ceil(L / N)``; a block may
+    then start between a layer's attention and its MLP); ``layers_per_block`` makes
+    blocks of whole layers (the convention of the Kimi reference model, Megatron-LM and
+    flash-linear-attention); ``full=True`` is one block per sublayer. ``mode`` is
     ``"paper"`` or ``"exact"`` (SPEC section 1); ``eps`` overrides the key-norm epsilon
     (default: the model's norm epsilon, else 1e-6).
 
@@ -199,17 +214,11 @@ def convert(
     ``"auto"`` (default) samples when the weights are on the ``meta`` device. The same
     setting applies to the captures of later calls.
     """
-    _check_options(num_blocks, block_size, full, mode, eps)
+    options = dict(num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+    _check_options(**options, layers_per_block=layers_per_block)
     _refuse_converted(model)
     return convert_(
-        copy.deepcopy(model),
-        example_inputs,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        full=full,
-        mode=mode,
-        eps=eps,
-        trace_depth=trace_depth,
+        copy.deepcopy(model), example_inputs, **options, layers_per_block=layers_per_block, trace_depth=trace_depth
     )
 
 
@@ -220,6 +229,7 @@ def convert_(
     num_blocks: int | None = None,
     block_size: int | None = None,
     full: bool = False,
+    layers_per_block: int | None = None,
     mode: str = "paper",
     eps: float | None = None,
     trace_depth: str = "auto",
@@ -229,18 +239,12 @@ def convert_(
     The memory-free path for large models, e.g. one built on the ``meta`` device before
     its weights are attached with :func:`~attnres_rewrite.attach_weights`.
     """
-    _check_options(num_blocks, block_size, full, mode, eps)
+    options = dict(num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+    _check_options(**options, layers_per_block=layers_per_block)
     _refuse_converted(model)
     captured = capture(model, example_inputs, trace_depth=trace_depth)
     return convert_captured(
-        captured,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        full=full,
-        mode=mode,
-        eps=eps,
-        trace_depth=trace_depth,
-        inplace=True,
+        captured, **options, layers_per_block=layers_per_block, trace_depth=trace_depth, inplace=True
     )
 
 
@@ -265,6 +269,7 @@ def convert_captured(
     num_blocks: int | None = None,
     block_size: int | None = None,
     full: bool = False,
+    layers_per_block: int | None = None,
     mode: str = "paper",
     eps: float | None = None,
     trace_depth: str = "auto",
@@ -277,7 +282,15 @@ def convert_captured(
     """
     module = captured.take_module()
     detection = detect(module, captured.model)
-    plan = build_plan(detection, num_blocks=num_blocks, block_size=block_size, full=full, mode=mode, eps=eps)
+    plan = build_plan(
+        detection,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        full=full,
+        mode=mode,
+        eps=eps,
+        layers_per_block=layers_per_block,
+    )
     plan.notes = captured.notes + plan.notes
     target = captured.model if inplace else copy.deepcopy(captured.model)
     return apply_plan(target, captured, module, detection, plan, trace_depth)
