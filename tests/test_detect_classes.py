@@ -185,3 +185,83 @@ def test_dropout_around_parallel_branches_applies_to_each_branch_in_training():
         assert not torch.equal(converted(ids), converted(ids))
         converted.eval()
         torch.testing.assert_close(converted(ids), model(ids), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# checks that cannot pass vacuously, and inputs the check invents
+
+
+class RandomMasking(nn.Module):
+    """Drops embedding rows at random, in eval mode too: not a function of its inputs alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, D)
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(3))
+        self.fs = nn.ModuleList(nn.Linear(D, D) for _ in range(3))
+
+    def forward(self, ids):
+        x = self.emb(ids) * (torch.rand(ids.shape) > 0.3).unsqueeze(-1)
+        for n, f in zip(self.norms, self.fs):
+            x = x + f(n(x))
+        return x
+
+
+class ZeroHead(RandomMasking):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(D, 5)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for n, f in zip(self.norms, self.fs):
+            x = x + f(n(x))
+        return self.head(x)
+
+
+class ImageTokens(Stack):
+    """Needs exactly two image tokens (id 49) per row, as a multimodal model needs one per image."""
+
+    def __init__(self):
+        super().__init__(CastBackLayer, 2)
+
+    def forward(self, ids):
+        # like a multimodal model's count check: eager only (a trace skips it, as those models' checks do)
+        if not torch.compiler.is_compiling() and not bool(((ids == 49).sum(-1) == 2).all()):
+            raise ValueError("each row needs exactly 2 image tokens")
+        return super().forward(ids)
+
+
+def test_equivalence_runs_both_models_on_the_same_random_numbers():
+    torch.manual_seed(0)
+    model = RandomMasking().eval()
+    converted = ar.convert(model, (_ids(),), mode="exact")
+    report = ar.equivalence(model, converted, (_ids(),))
+    assert report.max_abs <= 1e-5 * report.max_ref and not report.inconclusive
+
+
+def test_equivalence_on_a_constant_output_is_inconclusive():
+    torch.manual_seed(0)
+    model = ZeroHead().eval()
+    converted = ar.convert(model, (_ids(),), mode="exact")
+    report = ar.equivalence(model, converted, (_ids(),))
+    assert report.max_ref == 0 and report.inconclusive and "does not vary with the input" in report.reason
+    assert report.stream_rms > 0
+
+
+def test_inputs_the_check_cannot_resample_fall_back_to_the_example_or_the_callers():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49, (2, 8))
+    ids[:, :2] = 49
+    model = ImageTokens().eval()
+    converted = ar.convert(model, (ids,), mode="exact")
+    report = ar.equivalence(model, converted, (ids,))
+    assert report.inputs == "example" and report.max_abs <= 1e-5 * report.max_ref
+    other = torch.randint(0, 49, (2, 11))
+    other[:, 3:5] = 49
+    given = ar.equivalence(model, converted, (ids,), check_inputs=(other,))
+    assert given.inputs == "given" and given.input_shapes == [[2, 11]]
+    with pytest.raises(ar.errors.InvalidInputError, match="could not run the models on check inputs.*image tokens"):
+        ar.equivalence(model, converted, (ids,), check_inputs=(torch.randint(0, 49, (2, 8)),))
