@@ -66,29 +66,82 @@ def save_adapter(converted: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def _read(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .passes.plan import ConversionPlan
-
+    """The adapter's plan and weights, each checked strictly: a tampered file is refused, never applied."""
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterError(f"adapter file {p} is missing; save one with save_adapter(converted, directory)")
+    plan = _read_config(cfg_path)
+    return plan, _read_weights(w_path, plan)
+
+
+_CONFIG_KEYS = {"format", "versions", "plan"}
+
+
+def _read_config(path: Path) -> Any:
+    """``attnres_config.json``: a JSON object of exactly our keys holding a valid plan."""
+    from .passes.plan import ConversionPlan
+
+    fix = "save the adapter again with save_adapter / `attnres convert`"
     try:
-        config = json.loads(cfg_path.read_text())
-        if config.get("format") != ADAPTER_FORMAT:
-            raise AdapterError(f"{cfg_path}: adapter format {config.get('format')!r} is not {ADAPTER_FORMAT}")
-        plan = ConversionPlan.from_dict(config["plan"])
-    except AdapterError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"{cfg_path} is not a valid AttnRes adapter config: {exc}") from exc
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        raise AdapterError(f"{path} is not a valid AttnRes adapter config: {exc}; {fix}") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{path} is not a valid AttnRes adapter config: expected a JSON object, got {type(config).__name__}; {fix}"
+        )
+    unknown, missing = sorted(set(config) - _CONFIG_KEYS), sorted(_CONFIG_KEYS - set(config))
+    if unknown or missing:
+        raise AdapterError(
+            f"{path} is not a valid AttnRes adapter config: "
+            + (f"unknown key(s) {unknown}" if unknown else f"missing key(s) {missing}")
+            + f"; {fix}"
+        )
+    if isinstance(config["format"], bool) or config["format"] != ADAPTER_FORMAT:
+        raise AdapterError(f"{path}: adapter format {config['format']!r} is not {ADAPTER_FORMAT}; {fix}")
+    versions = config["versions"]
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise AdapterError(f"{path}: 'versions' must map package names to version strings; {fix}")
     try:
-        weights = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{w_path} is not a readable safetensors file: {exc}") from exc
-    return plan, weights
+        return ConversionPlan.from_dict(config["plan"])
+    except AttnResError as exc:
+        raise AdapterError(f"{path} is not a valid AttnRes adapter config: {exc}; {fix}") from exc
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _read_weights(path: Path, plan: Any) -> dict[str, torch.Tensor]:
+    """``attnres.safetensors``: exactly the plan's parameters, float, of the planned shape, finite.
+
+    safetensors parses no code (never pickle); anything it cannot read is a broken file.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(path)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, unknown dtypes...: all "not readable"
+        raise AdapterError(f"{path} is not a readable safetensors file: {exc}") from exc
+    expected = {sp.query: sp for sp in plan.streams} | {sp.key_gain: sp for sp in plan.streams}
+    if set(weights) != set(expected):
+        raise AdapterError(
+            f"{path} does not hold the plan's parameters: missing {sorted(set(expected) - set(weights))}, "
+            f"unexpected {sorted(set(weights) - set(expected))}"
+        )
+    for name, tensor in weights.items():
+        sp = expected[name]
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path}: {name} has dtype {tensor.dtype}; AttnRes parameters are floating point")
+        if tuple(tensor.shape) != (sp.num_rows, sp.dim):
+            raise AdapterError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the plan needs {(sp.num_rows, sp.dim)} "
+                f"({sp.num_rows} rows of stream {sp.name!r}, feature size {sp.dim})"
+            )
+        planned = getattr(torch, sp.dtype)  # the stream's dtype, which the values are cast to when loaded
+        if not bool(torch.isfinite(tensor).all()) or not bool(torch.isfinite(tensor.to(planned)).all()):
+            raise AdapterError(f"{path}: {name} holds NaN or infinite values (in {tensor.dtype} or in {sp.dtype})")
+    return weights
 
 
 def load_adapter(

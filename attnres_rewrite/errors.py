@@ -14,6 +14,10 @@ class InvalidInputError(AttnResError, ValueError):
     """Arguments or example inputs of the wrong value, shape or kind."""
 
 
+class OutputError(AttnResError, OSError):
+    """An output cannot be written there: in the way, protected, not writable, or the disk is full."""
+
+
 class TraceError(AttnResError, RuntimeError):
     """The model could not be captured with torch.export; the message says what to try."""
 

@@ -1,4 +1,4 @@
-"""The AttnRes math of SPEC section 1, written plainly in PyTorch.
+"""The AttnRes math of docs/spec.md section 1, written plainly in PyTorch.
 
 This module is the contract every kernel, pass and export is tested against. It
 favours obviousness over speed: per-source Python loops, fp32 statistics, no fused
@@ -127,7 +127,7 @@ def phase1(
 def phase2(
     o: Tensor,
     m: Tensor,
-    l: Tensor,  # noqa: E741 - the SPEC's name for the normaliser
+    l: Tensor,  # noqa: E741 - docs/spec.md's name for the normaliser
     partial: Tensor | None,
     query: Tensor,
     key_gain: Tensor,
@@ -164,7 +164,7 @@ def block_partition(num_sublayers: int, num_blocks: int | None = None, block_siz
     Exactly one of ``num_blocks`` / ``block_size`` may be given (neither: 8 blocks,
     capped at ``L``). The last block may be shorter; with ``S = ceil(L/N)`` the
     number of blocks actually produced can be smaller than ``N`` (e.g. L=9, N=4 gives
-    S=3 and 3 blocks), which is what the SPEC's definition implies.
+    S=3 and 3 blocks), which is what docs/spec.md's definition implies.
     """
     if num_sublayers < 1:
         raise ValueError(f"a stream needs at least one sublayer, got {num_sublayers}")
@@ -189,7 +189,7 @@ class StreamParams:
 
     @classmethod
     def init(cls, num_sublayers: int, dim: int, dtype=torch.float32, device=None) -> StreamParams:
-        """SPEC init: zero queries (uniform weights), unit gains."""
+        """docs/spec.md init: zero queries (uniform weights), unit gains."""
         shape = (num_sublayers + 1, dim)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),

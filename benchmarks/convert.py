@@ -149,7 +149,7 @@ def _median_ms(fn, arg, repeats: int) -> float:
 
 @torch.no_grad()
 def forward(configs: list[dict], repeats: int) -> list[dict]:
-    import samples
+    from attnres_rewrite import samples
 
     out = []
     for cfg in configs:

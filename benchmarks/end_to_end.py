@@ -1,6 +1,6 @@
 """End-to-end cost of Block AttnRes under torch.compile, written to benchmarks/results/end_to_end.json.
 
-For a Llama-style decoder (``samples.llama``) at a few sizes, the variants:
+For a Llama-style decoder (``attnres_rewrite.samples.llama``) at a few sizes, the variants:
 
 * ``original_inductor``: the unconverted model, ``torch.compile`` (Inductor);
 * ``converted_inductor``: the converted model, ``torch.compile`` (Inductor; one
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import attnres_rewrite  # noqa: E402
-import samples  # noqa: E402
+from attnres_rewrite import samples  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "end_to_end.json"
 VARIANTS = ("original_inductor", "converted_inductor", "converted_attnres", "original_eager", "converted_eager")

@@ -1,7 +1,7 @@
 """ONNX Runtime CPU latency of converted vs original models, and export time.
 
 Writes benchmarks/results/onnx.json. Not a test. For a Llama-style decoder
-(``samples.llama``) at two sizes it exports, with ``attnres_rewrite.export_onnx``
+(``attnres_rewrite.samples.llama``) at two sizes it exports, with ``attnres_rewrite.export_onnx``
 (verification on):
 
 * ``original``: the unconverted model;
@@ -49,7 +49,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 import attnres_rewrite  # noqa: E402
-import samples  # noqa: E402
+from attnres_rewrite import samples  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "onnx.json"
 VARIANTS = ("original", "converted", "converted_function")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_size(*_parse_size(s), args, Path(tmp)) for s in args.sizes.split(",")]
     report = {
-        "benchmark": "onnxruntime CPU latency, converted vs original (samples.llama), and export time",
+        "benchmark": "onnxruntime CPU latency, converted vs original (attnres_rewrite.samples.llama), and export time",
         "environment": {
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,

@@ -209,7 +209,8 @@ def dropout_mode_check(seed: int = 0) -> dict:
     the same input differ only if it is), and how far ``eval()`` is from the original's
     ``eval()``.
     """
-    import samples
+    import attnres_rewrite
+    from attnres_rewrite import samples
 
     model, (x,) = samples.get("llama", layers=1, dropout=0.5, seed=seed)
     found = {}

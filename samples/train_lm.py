@@ -117,7 +117,7 @@ def build_baseline(cfg: StudyConfig, seed: int) -> nn.Module:
     Dropout is 0: the converted model is a graph captured once, and a fair comparison
     must not depend on train-mode behaviour that capture may have frozen.
     """
-    import samples
+    from attnres_rewrite import samples
 
     model, _ = samples.get(
         "llama",

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 import attnres_rewrite as ar
-import samples
-from attnres_rewrite import reference
+from attnres_rewrite import reference, samples
 from attnres_rewrite.api import convert_captured, equivalence, inspect_captured, rewritten_graphs
 from attnres_rewrite.errors import InvalidInputError, NoResidualStreamError, NotConvertibleError, TraceError
 from attnres_rewrite.passes.capture import capture

@@ -6,6 +6,8 @@ real subprocess runs in test_cli_subprocess.py and test_cli_docs.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -17,6 +19,11 @@ runner = CliRunner()
 
 def invoke(*args: str, **kwargs):
     return runner.invoke(app, list(args), **kwargs)
+
+
+def flat(text: str) -> str:
+    """Click's usage errors come in a box that wraps lines: compare the words only."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -177,3 +184,70 @@ def test_atomic_directory_replaces_on_success_and_keeps_the_old_one_on_error(tmp
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_bundled_samples_do_not_collide_with_a_users_samples_package(tmp_path, monkeypatch):
+    """A user's own ``samples`` package on sys.path used to shadow ours (exit 3: no attribute SAMPLES)."""
+    import importlib
+    import sys
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "__init__.py").write_text("MINE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "samples", raising=False)
+    assert_user_error(invoke("inspect", "samples:nope"), "unknown sample 'nope'; available: bert, gpt2, llama")
+    assert importlib.import_module("samples").MINE  # theirs is still theirs
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def build(:\n", "raised SyntaxError: invalid syntax"),
+        ("x = undefined_name\n", "raised NameError: name 'undefined_name' is not defined"),
+        ("import no_such_dependency_xyz\n", "it imports 'no_such_dependency_xyz', which is not installed"),
+        ("raise SystemExit(3)\n", "raised SystemExit: 3"),
+    ],
+)
+def test_a_factory_module_that_fails_to_import_is_a_user_error(tmp_path, monkeypatch, source, message):
+    import sys
+
+    name = f"broken_factory_{abs(hash(source))}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    result = invoke("inspect", f"{name}:build")
+    assert_user_error(result, f"importing '{name}' for MODEL '{name}:build'", message)
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+@pytest.mark.parametrize("flag", ["--rtol", "--atol"])
+def test_verify_refuses_a_tolerance_that_could_never_pass(tmp_path, flag, value):
+    result = invoke("verify", "samples:llama", "--adapter", str(tmp_path), flag, value)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "not a tolerance; pass a finite number >= 0" in flat(result.stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-6", "inf", "nan"])
+def test_eps_must_be_positive_and_finite(tmp_path, value):
+    result = invoke("convert", "samples:llama", "-o", str(tmp_path / "o"), "--eps", value)
+    assert_user_error(result, "--eps must be a positive finite number")
+
+
+def test_hint_for_a_hub_id_names_the_current_hf_client():
+    result = invoke("inspect", "org/model")
+    assert_user_error(result, "`hf download org/model --local-dir DIR`")
+
+
+def test_block_size_beyond_the_sublayers_is_refused_like_blocks(tmp_path, monkeypatch):
+    """It used to be capped silently, while --blocks beyond the sublayer count was refused."""
+    from attnres_rewrite import samples
+    from attnres_rewrite.cli import common
+    from attnres_rewrite.cli.sources import ResolvedModel
+
+    one_layer = ResolvedModel("samples:llama", "sample", *samples.get("llama", layers=1))  # 2 sublayers, cheap trace
+    monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: one_layer)
+    result = invoke("convert", "samples:llama", "-o", str(tmp_path / "o"), "--block-size", "100")
+    assert_user_error(result, "block_size=100 is out of range for stream 'layers'", "between 1 and 2")
+    assert not (tmp_path / "o").exists()

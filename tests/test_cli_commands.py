@@ -90,6 +90,35 @@ def test_corrupted_adapter_is_a_user_error(adapter, tmp_path):
     assert "attnres_config.json" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda plan: plan["streams"][0].update(blocks=[[1, 2], [0, 1]]), "blocks: block 0 starts at 1, expected 0"),
+        (lambda plan: plan["streams"][0].update(blocks=[[0, 2], [2, 9]]), "the blocks end at 9 but the stream has"),
+        (lambda plan: plan["streams"][0].update(query="h.0.attn.c_attn.weight"), "query: must be 'attnres.h.query'"),
+        (lambda plan: plan.clear(), "plan: missing field(s)"),
+    ],
+    ids=["reversed", "out-of-range", "query-renamed", "empty-plan"],
+)
+def test_a_tampered_adapter_is_refused_not_applied(adapter, tmp_path, edit, message):
+    """A reversed or out-of-range partition used to be loaded and exported with exit code 0."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(adapter[0], tampered)
+    config = json.loads((tampered / "attnres_config.json").read_text())
+    edit(config["plan"])
+    (tampered / "attnres_config.json").write_text(json.dumps(config))
+    onnx_file = tmp_path / "m.onnx"
+    for args in (["verify"], ["export", "-o", str(onnx_file)]):
+        result = invoke(args[0], "samples:gpt2", "--adapter", str(tampered), *args[1:])
+        assert result.exit_code == 2, (result.stderr, result.exception)
+        assert message in result.stderr and "is not a valid AttnRes adapter config" in result.stderr
+        assert "Traceback" not in result.output
+    assert not onnx_file.exists()
+    (tampered / "attnres_config.json").write_text("[1, 2]")  # valid JSON, not an object: was exit 3
+    result = invoke("verify", "samples:gpt2", "--adapter", str(tampered))
+    assert result.exit_code == 2 and "expected a JSON object, got list" in result.stderr
+
+
 def test_verify_passes_then_fails_under_a_tighter_tolerance(adapter):
     payload = ok_json(invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--json"))
     assert payload["ok"] is True
@@ -108,15 +137,6 @@ def test_verify_checks_the_adapter_directory_once(adapter, monkeypatch):
     monkeypatch.setattr(common, "check_adapter_dir", lambda directory: calls.append(directory) or real(directory))
     ok_json(invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--json"))
     assert calls == [adapter[0]]
-
-
-def test_verify_without_report_takes_the_tolerance_from_the_adapters_mode(tmp_path):
-    out = tmp_path / "exact"
-    ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--mode", "exact", "--json"))
-    (out / "report.json").unlink()  # no recorded difference: the plan's mode decides
-    payload = ok_json(invoke("verify", "samples:gpt2", "--adapter", str(out), "--json"))
-    (check,) = payload["checks"]
-    assert check["rtol"] == 1e-4
 
 
 def test_verify_onnx_checks_the_exported_file(adapter, tmp_path):
@@ -148,14 +168,22 @@ def test_verify_onnx_checks_the_exported_file(adapter, tmp_path):
         assert "onnx: CPUExecutionProvider output" in result.stderr
 
 
-def test_verify_onnx_refuses_a_foreign_or_broken_file(adapter, tmp_path):
-    """A file that is not ONNX, or an ONNX model with other inputs, is a user error (2), not a failed check."""
+def test_verify_onnx_refuses_a_foreign_or_broken_file(adapter, tmp_path, monkeypatch):
+    """A file that is not ONNX, or an ONNX model with other inputs, is a user error (2), not a failed check.
+
+    A file that is not ONNX at all is refused before MODEL loads (nothing to trace for it).
+    """
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x00not protobuf")
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "load_model", lambda *a, **k: pytest.fail("MODEL loaded before the ONNX file was read"))
+        for path, message in ((broken, "is not an ONNX model"), (tmp_path / "none.onnx", "no ONNX file")):
+            result = invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(path))
+            assert result.exit_code == 2 and message in result.stderr, result.stderr
     foreign = tmp_path / "foreign.onnx"
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
@@ -164,10 +192,9 @@ def test_verify_onnx_refuses_a_foreign_or_broken_file(adapter, tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(foreign))
-    for path, message in ((broken, "is not an ONNX model"), (foreign, "exported from another model?")):
-        result = invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(path))
-        assert result.exit_code == 2, result.stderr
-        assert message in result.stderr and "Traceback" not in result.stderr
+    result = invoke("verify", "samples:gpt2", "--adapter", str(adapter[0]), "--onnx", str(foreign))
+    assert result.exit_code == 2, result.stderr
+    assert "exported from another model?" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bench_json_with_training_step_and_a_failing_compile(adapter, monkeypatch):
@@ -254,7 +281,7 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-def test_hf_directory_convert_then_verify(hf_dir, tmp_path):
+def test_hf_directory_convert_then_verify_without_report(hf_dir, tmp_path):
     out = tmp_path / "hf-adapter"
     result = invoke("convert", str(hf_dir), "-o", str(out), "--seq-len", "8", "--mode", "exact", "--json")
     payload = ok_json(result)
@@ -263,8 +290,11 @@ def test_hf_directory_convert_then_verify(hf_dir, tmp_path):
     assert payload["sublayers"] == 4  # 2 decoder layers x (attention, MLP)
     assert payload["mode"] == "exact"
     assert payload["max_rel_diff"] < 1e-4  # exact mode: equal to float rounding
+    (out / "report.json").unlink()  # no recorded difference: the tolerance comes from the plan's mode
     verified = ok_json(invoke("verify", str(hf_dir), "--adapter", str(out), "--seq-len", "8", "--json"))
     assert verified["ok"] is True
+    (check,) = verified["checks"]
+    assert check["rtol"] == 1e-4  # exact mode's (paper mode's would be 1e-3)
 
 
 def test_export_verification_mismatch_exits_1_not_2(monkeypatch, tmp_path):
@@ -275,6 +305,7 @@ def test_export_verification_mismatch_exits_1_not_2(monkeypatch, tmp_path):
         raise VerificationError("ONNX output differs from PyTorch beyond tolerance: logits max abs diff 0.5")
 
     monkeypatch.setattr(common.backend("onnx"), "export_onnx", mismatching_export)
+    monkeypatch.setattr(common, "converted_model", lambda *args: None)  # the stub export needs no conversion
     result = invoke("export", "samples:gpt2", "-o", str(tmp_path / "m.onnx"), "--blocks", "2")
     assert result.exit_code == 1, result.stderr
     assert "verification failed: ONNX output differs from PyTorch beyond tolerance" in result.stderr
@@ -285,7 +316,7 @@ def test_convert_whole_model_writes_a_directory_load_converted_reads(tmp_path):
     import torch
 
     import attnres_rewrite as ar
-    import samples
+    from attnres_rewrite import samples
 
     out = tmp_path / "whole"
     payload = ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--whole-model", "--json"))
@@ -303,3 +334,10 @@ def test_convert_whole_model_writes_a_directory_load_converted_reads(tmp_path):
     adapted = ar.load_adapter(model, inputs, out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs), adapted(*inputs), rtol=0, atol=0)
+    # --force knows the whole-model files it wrote (listed in report.json), and nothing else
+    (out / "notes.txt").write_text("mine")
+    refused = invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "2", "--force")
+    assert refused.exit_code == 2 and "holds notes.txt" in refused.stderr, refused.stderr
+    (out / "notes.txt").unlink()
+    again = ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "3", "--force", "--json"))
+    assert {p.name for p in out.iterdir()} == set(common.ADAPTER_FILES) | {"report.json"} == set(again["files"])

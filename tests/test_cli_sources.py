@@ -154,6 +154,60 @@ def test_pickled_weights_are_refused(tmp_path):
         resolve(str(tmp_path))
 
 
+def sharded_copy(source, target, *, odd_shard: str | None = None, everything: bool = False):
+    """``source`` as one shard plus its ``model.safetensors.index.json``; ``odd_shard`` takes one tensor (or all)."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "model.safetensors").rename(target / "model-00001-of-00001.safetensors")
+    names = list(transformers.LlamaForCausalLM.from_pretrained(source).state_dict())
+    weight_map = dict.fromkeys(names, "model-00001-of-00001.safetensors")
+    if odd_shard is not None:
+        weight_map.update({name: odd_shard for name in (names if everything else ["model.norm.weight"])})
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("shard", "everything", "message"),
+    [
+        ("pytorch_model-00001-of-00001.bin", True, "points at 'pytorch_model-00001-of-00001.bin'; attnres loads only"),
+        ("pytorch_model-00001-of-00001.bin", False, "points at 'pytorch_model-00001-of-00001.bin'"),
+        ("../model.safetensors", False, "points at '../model.safetensors'"),
+        ("model-00002-of-00002.safetensors", False, "lists 'model-00002-of-00002.safetensors', which is not in"),
+    ],
+)
+def test_a_shard_index_pointing_outside_safetensors_is_refused_before_transformers_reads_it(
+    hf_weights_dir, tmp_path, monkeypatch, shard, everything, message
+):
+    """transformers follows model.safetensors.index.json to any file, and a .bin shard reaches torch.load."""
+    model_dir = sharded_copy(hf_weights_dir, tmp_path / "model", odd_shard=shard, everything=everything)
+    state = transformers.LlamaForCausalLM.from_pretrained(hf_weights_dir).state_dict()
+    torch.save(state, model_dir / "pytorch_model-00001-of-00001.bin")  # a pickle, as transformers would unpickle it
+    (tmp_path / "model.safetensors").write_bytes((model_dir / "model-00001-of-00001.safetensors").read_bytes())
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ModelSourceError, match="model.safetensors.index.json") as info:
+        resolve(str(model_dir))
+    assert message in str(info.value)
+
+
+def test_sharded_safetensors_load_and_other_indexes_are_ignored(hf_weights_dir, tmp_path):
+    """Only *.safetensors.index.json is read with use_safetensors; a directory also shipping .bin files loads."""
+    import json
+
+    model_dir = sharded_copy(hf_weights_dir, tmp_path / "model")
+    (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model.bin"}}))
+    (model_dir / "pytorch_model.bin").write_bytes(b"never read")
+    resolved = resolve(str(model_dir))
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_weights_dir).state_dict()
+    assert all(torch.equal(resolved.model.state_dict()[k], v) for k, v in reference.items())
+
+
 def test_seq_len_beyond_positions(hf_config_dir):
     with pytest.raises(ModelSourceError, match="--seq-len 65 exceeds"):
         resolve(str(hf_config_dir), seq_len=65)

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import attnres_rewrite as ar
-import samples
-from attnres_rewrite import reference
+from attnres_rewrite import reference, samples
 from attnres_rewrite.api import convert_captured, equivalence, fresh_inputs, programs, rewritten_graphs
 from attnres_rewrite.errors import InvalidInputError, NotConvertibleError
 from attnres_rewrite.passes.capture import capture
@@ -150,6 +149,16 @@ def test_num_blocks_out_of_range(toy, bad):
     _, captured = toy
     with pytest.raises(InvalidInputError, match="num_blocks"):
         convert_captured(captured, num_blocks=bad)
+
+
+@pytest.mark.parametrize("flag", ["num_blocks", "block_size"])
+def test_block_counts_and_sizes_beyond_the_sublayers_are_refused_alike(toy, flag):
+    """--blocks 7 on 5 sublayers was refused while --block-size 100 was quietly capped to one block."""
+    _, captured = toy
+    with pytest.raises(InvalidInputError, match=rf"{flag}=6 is out of range .* between 1 and 5"):
+        convert_captured(captured, **{flag: 6})
+    blocks = convert_captured(captured, **{flag: 5}).attnres.plan.streams[0].blocks
+    assert len(blocks) == (5 if flag == "num_blocks" else 1)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import attnres_rewrite as ar
-import samples
+from attnres_rewrite import samples
 from attnres_rewrite.api import programs
 from attnres_rewrite.errors import InvalidInputError
 

@@ -48,3 +48,19 @@ def test_readme_python_usage_runs(tmp_path, monkeypatch):
     exec(compile(python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert (tmp_path / "out" / "llama.onnx").is_file()
     assert namespace["restored"].attnres.plan == namespace["converted"].attnres.plan
+
+
+def test_relative_links_resolve_inside_the_repository():
+    """The README once linked the math contract outside the repository (../shared/SPEC.md): dead in every clone."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted(root.glob("benchmarks/*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{page.relative_to(root)} links to {target}"
+            checked += 1
+    assert checked > 10
+    assert "[docs/spec.md](docs/spec.md)" in README

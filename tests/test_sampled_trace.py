@@ -22,7 +22,7 @@ from attnres_rewrite.api import convert_captured, fresh_inputs, inspect_captured
 from attnres_rewrite.errors import InvalidInputError
 from attnres_rewrite.passes.capture import capture
 from attnres_rewrite.passes.sampled_trace import RepeatedStack, find_repeated_stacks
-from samples import get as sample
+from attnres_rewrite.samples import get as sample
 
 T = pytest.importorskip("transformers")
 import tiny_hf  # noqa: E402  (needs transformers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import samples
+from attnres_rewrite import samples
 from attnres_rewrite.errors import ModelSourceError
 
 NAMES = list(samples.SAMPLES)

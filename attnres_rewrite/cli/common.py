@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ class ConversionOptions:
         ]
         if len(chosen) > 1:
             raise InvalidInputError(f"{' and '.join(chosen)} are alternatives; pass only one of them.")
-        if self.eps is not None and not self.eps > 0:
-            raise InvalidInputError(f"--eps must be positive, got {self.eps}.")
+        if self.eps is not None and not 0 < self.eps < math.inf:
+            raise InvalidInputError(f"--eps must be a positive finite number (e.g. 1e-6), got {self.eps}.")
 
     @property
     def given(self) -> bool:
@@ -177,18 +178,6 @@ def plan_summary(converted: nn.Module) -> dict[str, Any]:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def ensure_output_free(path: Path, *, force: bool, kind: str) -> None:
-    """Refuse to overwrite a non-empty directory or an existing file unless --force."""
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InvalidInputError(f"output {kind} {str(path)!r} exists and is not empty; pass --force to replace it.")
-    if path.is_file() and kind == "directory":
-        raise InvalidInputError(f"output {str(path)!r} is a file; pass a directory path.")
-    if path.exists() and kind == "file" and not force:
-        raise InvalidInputError(f"output file {str(path)!r} exists; pass --force to replace it.")
-    if path.is_dir() and kind == "file":
-        raise InvalidInputError(f"output {str(path)!r} is a directory; pass a file path such as model.onnx.")
 
 
 def device_of(name: str | None) -> torch.device:

@@ -14,6 +14,7 @@ pass so that a guess that does not fit the model is reported as a user-facing er
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -64,6 +65,7 @@ def load_directory(path: Path, *, batch: int | None, seq_len: int | None) -> tup
         config.use_cache = False  # KV caches are inference state, not part of the residual stream
     cls = _model_class(transformers, config)
     weights = sorted(path.glob("*.safetensors"))
+    _check_shard_indexes(path)  # before transformers follows an index to a pickle
     try:
         if weights:
             model = cls.from_pretrained(
@@ -89,6 +91,33 @@ def load_directory(path: Path, *, batch: int | None, seq_len: int | None) -> tup
         raise ModelSourceError(f"cannot build {cls.__name__} from {path}: {exc}") from exc
     model = model.float().eval()
     return model, example_inputs_for(model, batch=batch, seq_len=seq_len), note
+
+
+def _check_shard_indexes(path: Path) -> None:
+    """Every shard a ``*.safetensors.index.json`` names must be a safetensors file in ``path``.
+
+    transformers reads the index and then loads each shard by its extension, so an index
+    pointing at ``pytorch_model.bin`` would reach ``torch.load`` (unpickling) although
+    only safetensors were asked for; and a name such as ``../x.safetensors`` would read
+    outside the directory. Such a directory is refused before transformers sees it.
+    (``pytorch_model.bin.index.json`` and other indexes are not read with
+    ``use_safetensors=True``, so a directory shipping both formats still loads.)
+    """
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelSourceError(f"{index} is not a valid shard index: {exc}; re-save the model.") from exc
+        if not isinstance(weight_map, dict):
+            raise ModelSourceError(f"{index} has no 'weight_map' object; re-save the model with save_pretrained.")
+        for shard in sorted({str(v) for v in weight_map.values()}):
+            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise ModelSourceError(
+                    f"{index} points at {shard!r}; attnres loads only *.safetensors files inside {path} (never "
+                    "pickled weights). Re-save with model.save_pretrained(dir, safe_serialization=True)."
+                )
+            if not (path / shard).is_file():
+                raise ModelSourceError(f"{index} lists {shard!r}, which is not in {path}; copy the complete model.")
 
 
 def _model_class(transformers, config):

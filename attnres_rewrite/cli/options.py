@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +11,7 @@ import typer
 
 
 class Mode(str, Enum):
-    """SPEC section 1 init modes: ``paper`` (the formula) or ``exact`` (equal at conversion)."""
+    """docs/spec.md section 1 init modes: ``paper`` (the formula) or ``exact`` (equal at conversion)."""
 
     paper = "paper"
     exact = "exact"
@@ -66,7 +67,7 @@ ModeOpt = Annotated[
     typer.Option(
         "--mode",
         "-m",
-        help="paper: SPEC formula; exact: equal to the original at conversion.",
+        help="paper: the formula of docs/spec.md; exact: equal to the original at conversion.",
         rich_help_panel=CONVERSION,
     ),
 ]
@@ -88,5 +89,20 @@ Adapter = Annotated[
     Path | None,
     typer.Option("--adapter", "-a", help="Adapter directory written by `attnres convert`.", show_default=False),
 ]
-Atol = Annotated[float | None, typer.Option(help="Absolute tolerance of the checks (default depends on the check).")]
-Rtol = Annotated[float | None, typer.Option(help="Relative tolerance of the checks (default depends on the check).")]
+
+
+def _tolerance(value: float | None) -> float | None:
+    """A tolerance is a finite number >= 0: a negative or NaN one would make every check fail."""
+    if value is not None and not 0 <= value < math.inf:
+        raise typer.BadParameter(f"{value} is not a tolerance; pass a finite number >= 0 (e.g. 1e-4).")
+    return value
+
+
+Atol = Annotated[
+    float | None,
+    typer.Option(help="Absolute tolerance of the checks, >= 0 (default depends on the check).", callback=_tolerance),
+]
+Rtol = Annotated[
+    float | None,
+    typer.Option(help="Relative tolerance of the checks, >= 0 (default depends on the check).", callback=_tolerance),
+]

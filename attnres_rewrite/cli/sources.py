@@ -79,13 +79,13 @@ def _explain_unknown(spec: str, path: Path) -> str:
     if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
         return (
             f"no directory {spec!r}; attnres never downloads models. Download it first "
-            f"(e.g. `huggingface-cli download {spec} --local-dir DIR`) and pass DIR."
+            f"(e.g. `hf download {spec} --local-dir DIR`) and pass DIR."
         )
     return f"no such directory {spec!r}; expected {FORMS}."
 
 
 def _from_sample(spec: str, name: str, *, batch: int | None, seq_len: int | None) -> ResolvedModel:
-    import samples
+    from .. import samples
 
     names = sorted(samples.SAMPLES)
     if name not in samples.SAMPLES:
@@ -105,18 +105,38 @@ def _import_factory(spec: str) -> Any:
     cwd = os.getcwd()
     if cwd not in sys.path:  # `attnres convert mymodels:build` should find ./mymodels.py, like `python -m`
         sys.path.insert(0, cwd)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSourceError(
-            f"cannot import module {module_name!r} for MODEL {spec!r}: {exc}. "
-            "Run from the directory that contains it or install it; expected package.module:factory."
-        ) from exc
+    obj: Any = _import_user_module(module_name, spec)
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ModelSourceError(f"module {module_name!r} has no attribute {attr_path!r} (MODEL {spec!r}).")
         obj = getattr(obj, part)
     return obj
+
+
+def _import_user_module(module_name: str, spec: str) -> Any:
+    """Import the user's module; whatever its code raises at import is the user's to fix, not a bug of ours."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not exc.name or module_name == exc.name or module_name.startswith(exc.name + "."):
+            raise ModelSourceError(
+                f"cannot import module {module_name!r} for MODEL {spec!r}: no such module. "
+                "Run from the directory that contains it or install it; expected package.module:factory."
+            ) from exc
+        raise ModelSourceError(
+            f"importing {module_name!r} for MODEL {spec!r} failed: it imports {exc.name!r}, which is not installed; "
+            "install it or fix the import."
+        ) from exc
+    except (Exception, SystemExit) as exc:  # SyntaxError, NameError, a sys.exit() at import...
+        raise ModelSourceError(
+            f"importing {module_name!r} for MODEL {spec!r} raised {type(exc).__name__}: {_first_line(exc)}; "
+            "fix that module (rerun with --debug for the traceback)."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _from_factory(spec: str, *, batch: int | None, seq_len: int | None) -> ResolvedModel:

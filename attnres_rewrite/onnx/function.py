@@ -18,7 +18,7 @@ Semantics (the op contract of docs/architecture.md), per token::
     out = scale * sum_i softmax_i(z) v_i
 
 Statistics are computed in fp32 (the body casts to FLOAT and back with ``CastLike``),
-so fp16/bf16 models keep fp32 logits as the SPEC requires.
+so fp16/bf16 models keep fp32 logits as docs/spec.md requires.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Besides chains of ``s + f(s)`` the detector understands:
   where ``g`` reads the state *before* ``f`` was added): separate sublayers with one
   shared input;
 * post-norm ``norm(s + f(s))`` and post-activation ``relu(s + f(s))`` links, which
-  make a chain not convertible (SPEC section 2).
+  make a chain not convertible (docs/spec.md section 2).
 """
 
 from __future__ import annotations

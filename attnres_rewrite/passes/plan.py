@@ -17,12 +17,14 @@ sublayer ``l`` and the last row ``A`` is the stream-output aggregation.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..reference import DEFAULT_EPS, MODES, block_partition
+from .plan_schema import check_plan_dict
 
 __all__ = [
     "StreamPlan",
@@ -99,12 +101,15 @@ class ConversionPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConversionPlan:
-        if not isinstance(data, dict) or "streams" not in data:
-            raise ValueError("a conversion plan is a dict with a 'streams' list")
-        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-            raise ValueError(f"plan format {data.get('format')} is not supported (this version reads {PLAN_FORMAT})")
-        streams = [StreamPlan(**s) for s in data["streams"]]
-        rest = {k: v for k, v in data.items() if k != "streams"}
+        """Rebuild a plan from :meth:`to_dict` output, refusing anything that is not a valid plan.
+
+        Serialised plans come from files a user may have edited or received, so every
+        field is checked (:func:`.plan_schema.check_plan_dict`): an invalid one raises
+        :class:`~attnres_rewrite.errors.InvalidInputError` naming it.
+        """
+        check_plan_dict(data)
+        streams = [StreamPlan(**copy.deepcopy(s)) for s in data["streams"]]
+        rest = {k: copy.deepcopy(v) for k, v in data.items() if k != "streams"}
         return cls(streams=streams, **rest)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -118,7 +123,12 @@ class ConversionPlan:
 def resolve_partition(
     num_sublayers: int, num_blocks: int | None, block_size: int | None, full: bool, stream: str = "stream"
 ) -> list[list[int]]:
-    """Block partition of one stream, as ``[start, stop)`` pairs; bad requests raise InvalidInputError."""
+    """Block partition of one stream, as ``[start, stop)`` pairs; bad requests raise InvalidInputError.
+
+    An explicit ``num_blocks`` or ``block_size`` beyond the stream's sublayer count is
+    refused, both alike, rather than quietly capped: the user asked for a partition
+    this stream cannot have. Only the default (8 blocks) is capped at the count.
+    """
     if full:
         if num_blocks is not None or block_size is not None:
             raise InvalidInputError(
@@ -135,8 +145,11 @@ def resolve_partition(
             f"num_blocks={num_blocks} is out of range for stream {stream!r}: it has {num_sublayers} sublayers, "
             f"so num_blocks must be between 1 and {num_sublayers}"
         )
-    if block_size is not None and block_size < 1:
-        raise InvalidInputError(f"block_size must be >= 1, got {block_size}")
+    if block_size is not None and not 1 <= block_size <= num_sublayers:  # as num_blocks: no silent cap
+        raise InvalidInputError(
+            f"block_size={block_size} is out of range for stream {stream!r}: it has {num_sublayers} sublayers, "
+            f"so block_size must be between 1 and {num_sublayers}"
+        )
     return [[r.start, r.stop] for r in block_partition(num_sublayers, num_blocks, block_size)]
 
 
@@ -203,7 +216,7 @@ def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
     """Why ``plan`` does not fit the streams ``detection`` found, or None when every planned stream is there.
 
     Each planned stream must be found, convertible, with the same sublayers (module
-    paths, in order), feature size and shared inputs. Used when an adapter is applied
+    paths, in order), kind, feature axis and size and shared inputs. Used when an adapter is applied
     to a freshly built model and whenever a converted model captures a new call.
     """
     found = {s.name: s for s in detection.streams}
@@ -221,6 +234,11 @@ def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
             return f"stream {sp.name!r}: sublayer {i} is {paths[i]!r} here but {sp.sublayers[i]!r} in the plan"
         if s.dim != sp.dim:
             return f"stream {sp.name!r}: feature size {s.dim} here, {sp.dim} in the plan"
+        if s.feature_axis != sp.feature_axis or s.kind != sp.kind:  # the axis decides how the rewrite aggregates
+            return (
+                f"stream {sp.name!r}: a {s.kind} stream with features on axis {s.feature_axis} here, "
+                f"{sp.kind} on axis {sp.feature_axis} in the plan"
+            )
         rows = {state: r for r, state in enumerate(s.input_states)}
         if [rows[x.reads] for x in s.sublayers] != sp.inputs:
             return f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)"

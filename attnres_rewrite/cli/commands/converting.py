@@ -17,7 +17,7 @@ import torch
 from attnres_rewrite import __version__
 
 from ...fileio import atomic_directory
-from .. import common, output
+from .. import common, destination, output
 
 PAPER_MODE_HINT = 1e-3  # rel. difference above which paper mode is worth a hint about --mode exact
 
@@ -43,7 +43,7 @@ def run(
     as_json: bool,
     whole_model: bool = False,
 ) -> None:
-    common.ensure_output_free(out, force=force, kind="directory")  # before any slow step
+    destination.check_directory(out, force=force, model_spec=spec)  # before any slow step
     start = time.perf_counter()
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.convert(resolved, options)
@@ -62,17 +62,18 @@ def run(
         "notes": list(common.plan_of(converted).notes),
         "static_axes": _static_axes(converted),
         "adapter": str(out),
-        "files": [*common.ADAPTER_FILES, "report.json"],
+        "files": [*common.ADAPTER_FILES, destination.REPORT_NAME],
         "attnres_version": __version__,
         "torch_version": torch.__version__,
         "seconds": round(time.perf_counter() - start, 3),
     }
     api = common.backend("api")
-    with output.step(f"Writing {out}"), atomic_directory(out) as tmp:
+    destination.check_directory(out, force=force, model_spec=spec)  # again: DIR may have changed meanwhile
+    with output.step(f"Writing {out}"), destination.writing(out), atomic_directory(out) as tmp:
         api.save_adapter(converted, tmp)
         if whole_model:  # the whole converted model beside the adapter: attnres_rewrite.load_converted(out)
             report["files"] += common.backend("saving").write_converted(converted, tmp)
-        (tmp / "report.json").write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
+        (tmp / destination.REPORT_NAME).write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
     if report["static_axes"]:
         output.note(
             f"the model's code fixes input axes ({', '.join(report['static_axes'])}): each other size there is "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import common, output
+from .. import common, destination, output
 
 
 def run(
@@ -29,14 +29,16 @@ def run(
     seed: int,
     as_json: bool,
 ) -> None:
-    common.ensure_output_free(out, force=force, kind="file")
+    destination.check_file(out, force=force)  # before any slow step
     common.check_adapter_or_options(adapter, options)
     if out.suffix != ".onnx":
         output.note(f"{out} does not end in .onnx; writing ONNX anyway")
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.converted_model(resolved, adapter, options)
     onnx = common.backend("onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    destination.check_file(out, force=force)  # again: FILE may have appeared while MODEL loaded
+    with destination.writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     # --seed also seeds the verification inputs, as in `attnres verify --onnx`
     kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify, "seed": seed}
     if opset is not None:

@@ -52,8 +52,7 @@ def run(
     as_json: bool,
 ) -> None:
     common.check_adapter_dir(adapter)
-    if onnx_path is not None and not onnx_path.is_file():
-        raise InvalidInputError(f"no ONNX file {str(onnx_path)!r}; write one with `attnres export MODEL -o FILE.onnx`.")
+    header = _onnx_header(onnx_path) if onnx_path is not None else None  # before the slow steps
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.load_adapter(resolved, adapter)
     checks: list[dict[str, Any]] = []
@@ -70,7 +69,7 @@ def run(
     )
     if onnx_path is not None:
         with output.step(f"Checking {onnx_path} in onnxruntime"):
-            checks.append(_onnx_check(onnx_path, converted, resolved.example_inputs, seed, atol, rtol))
+            checks.append(_onnx_check(onnx_path, header, converted, resolved.example_inputs, seed, atol, rtol))
         for line in checks[-1]["notes"]:
             output.note(line)
     payload = {"model": spec, "adapter": str(adapter), "onnx": str(onnx_path) if onnx_path else None}
@@ -121,24 +120,32 @@ def _check(name: str, max_abs: float, max_rel: float, max_ref: float, atol: floa
     }
 
 
-def _onnx_check(
-    path: Path, converted, example_inputs: Any, seed: int, atol: float | None, rtol: float | None
-) -> dict[str, Any]:
-    """Run ``path`` in onnxruntime against the converted PyTorch model: ``export``'s own verification.
-
-    ``onnx.verify.verify_file`` with ``export_onnx``'s defaults (rtol by parameter dtype,
-    atol 1e-6) unless ``--rtol``/``--atol`` are given.
-    """
-    onnx_verify = common.backend("onnx.verify")
-    runtime = common.backend("onnx.runtime").find_runtime()
+def _onnx_header(path: Path) -> Any:
+    """The ONNX model in ``path`` without its weights: a missing or foreign file fails before MODEL loads."""
+    if not path.is_file():
+        raise InvalidInputError(f"no ONNX file {str(path)!r}; write one with `attnres export MODEL -o FILE.onnx`.")
     try:
         import onnx
-
-        header = onnx.load(str(path), load_external_data=False)
+    except ImportError as exc:
+        raise InvalidInputError("verify --onnx needs the onnx package: pip install 'attnres-rewrite[onnx]'.") from exc
+    try:
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends: not an ONNX file
         raise InvalidInputError(
             f"{path} is not an ONNX model ({type(exc).__name__}); pass a file from `attnres export`."
         ) from exc
+
+
+def _onnx_check(
+    path: Path, header: Any, converted, example_inputs: Any, seed: int, atol: float | None, rtol: float | None
+) -> dict[str, Any]:
+    """Run ``path`` in onnxruntime against the converted PyTorch model: ``export``'s own verification.
+
+    ``onnx.verify.verify_file`` with ``export_onnx``'s defaults (rtol by parameter dtype,
+    atol 1e-6) unless ``--rtol``/``--atol`` are given; ``header`` is :func:`_onnx_header`'s.
+    """
+    onnx_verify = common.backend("onnx.verify")
+    runtime = common.backend("onnx.runtime").find_runtime()
     args, kwargs = onnx_verify.split_inputs(example_inputs)
     dims = onnx_verify.input_dims(header)
     rtol = onnx_verify.default_rtol(converted) if rtol is None else rtol

@@ -1,6 +1,6 @@
 """GPT-J / NeoX-style parallel residual decoder: ``x = x + attn(ln1(x)) + mlp(ln2(x))``.
 
-Attention and MLP of one layer read the same stream value, so per SPEC section 2 they
+Attention and MLP of one layer read the same stream value, so per docs/spec.md section 2 they
 are two sublayers with the same input (one aggregation feeds both). ``shared_norm``
 gives GPT-J's single LayerNorm feeding both branches instead of NeoX's two.
 """

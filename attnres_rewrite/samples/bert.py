@@ -1,6 +1,6 @@
 """BERT-style post-norm encoder: ``x = norm(x + attn(x)); x = norm(x + mlp(x))``.
 
-Not convertible (SPEC section 2, ``post-norm``): every add is re-normalised, so there
+Not convertible (docs/spec.md section 2, ``post-norm``): every add is re-normalised, so there
 is no additive chain longer than one add. The tool must say so, not rewrite it.
 """
 

@@ -1,7 +1,7 @@
 """ViT-style encoder: conv patch embedding, cls token, PreNorm blocks with layer-scale.
 
 One ``prenorm`` stream of ``2 * layers`` sublayers whose branches end in a per-channel
-layer-scale (``gamma * f(norm(x))``), the scalar-scaling case of SPEC section 2. The
+layer-scale (``gamma * f(norm(x))``), the scalar-scaling case of docs/spec.md section 2. The
 image size is fixed by the position table, so only the batch axis is dynamic.
 """
 

@@ -1,6 +1,6 @@
 """ResNet with post-activation basic blocks: ``relu(x + f(x))`` on ``(B, C, H, W)``.
 
-Not convertible (SPEC section 2, ``post-activation``): the ReLU after every add breaks
+Not convertible (docs/spec.md section 2, ``post-activation``): the ReLU after every add breaks
 the additive chain. The feature axis is axis 1 (channel-first).
 """
 
