@@ -115,7 +115,7 @@ def test_toy_streams_are_found_and_convert_exactly(step, kind, per_layer):
 def test_module_paths_of_sublayers():
     report, (stream,) = _inspect(Stack("prenorm", layers=2), (_ids(),))
     assert stream.sublayers == ["fs.0", "fs.1"]
-    assert stream.norms == ["norms.0", "norms.1"]
+    assert stream.norms == ["norms.0 (layer)", "norms.1 (layer)"]
     model, inputs = samples.get("llama", layers=2)
     report, (stream,) = _inspect(model, inputs)
     assert stream.name == "layers"

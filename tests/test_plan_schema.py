@@ -55,6 +55,7 @@ def valid_plan() -> dict:
         "full": False,
         "num_blocks": 2,
         "block_size": None,
+        "layers_per_block": None,
         "format": 1,
         "notes": ["a note"],
     }
@@ -155,6 +156,7 @@ CASES = {
     "bad mode": (set_field("mode", "fancy"), "plan.mode: expected one of 'paper', 'exact'"),
     "full as text": (set_field("full", "yes"), "plan.full: expected true or false"),
     "num_blocks 0": (set_field("num_blocks", 0), "plan.num_blocks: expected an integer >= 1"),
+    "layers_per_block 0": (set_field("layers_per_block", 0), "plan.layers_per_block: expected an integer >= 1"),
     "block_size bool": (set_field("block_size", True), "plan.block_size: expected an integer, got True"),
     "other format": (set_field("format", 2), "plan format 2 is not supported (this version reads 1)"),
     "notes not text": (set_field("notes", [1]), "plan.notes: expected a list of strings"),
@@ -173,9 +175,9 @@ def test_an_invalid_field_is_refused_and_named(case):
 
 
 def test_an_adapter_written_before_owners_were_recorded_still_reads():
-    """``owner`` is the one optional field: without it the model is traced before the plan applies."""
+    """``owner`` and ``layers_per_block`` may be absent: without an owner the model is traced before the plan applies."""
     data = valid_plan()
-    del data["streams"][0]["owner"]
+    del data["streams"][0]["owner"], data["layers_per_block"]
     data["streams"][1]["owner"] = None
     plan = ConversionPlan.from_dict(data)
     assert [sp.owner for sp in plan.streams] == [None, None]

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .norms import find_norms, metadata_only
+
 aten = torch.ops.aten
 
 __all__ = ["Sublayer", "Stream", "Detection", "detect", "stream_owner"]
@@ -85,12 +87,17 @@ _EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
 @dataclass
 class Sublayer:
-    """One residual branch: its raw output ``value`` is added to the stream by ``add``."""
+    """One residual branch: its raw output ``value`` is added to the stream by ``add``.
+
+    ``wraps``: value-preserving ops (dropout, casts, views) the model applied to a sum
+    of parallel branches before adding it; the rewrite applies them to each branch.
+    """
 
     value: Node
     add: Node
     reads: int  # index of the stream state the branch reads (0 = stream start)
     module_path: str
+    wraps: list[Node] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +149,44 @@ def _shape_key(node) -> tuple | None:
     return tuple(str(s) for s in v.shape)
 
 
+def _hint(size) -> int | None:
+    if isinstance(size, int):
+        return size
+    try:
+        return size.node.hint
+    except AttributeError:
+        return None
+
+
+def _same_dim(a, b) -> bool:
+    """Sizes equal in the traced program: as expressions, or as values >= 2 the trace could only tie by a guard.
+
+    Symbolic sizes can be different expressions that are equal under the trace's guards
+    (a branch that pads the sequence to a multiple of 8 and slices it back). Two
+    operands of an add that traced are equal wherever neither is 1 (that would
+    broadcast), so equal hints >= 2 are equal sizes.
+    """
+    if str(a) == str(b):
+        return True
+    ha, hb = _hint(a), _hint(b)
+    return ha is not None and ha == hb and ha >= 2
+
+
+def _same_features_and_numel(x, y) -> bool:
+    """The same value viewed another way: (B, T, d) and (B*T, d) keep the feature size and the element count."""
+    vx, vy = _val(x), _val(y)
+    if not (isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)) or not vx.dim() or not vy.dim():
+        return False
+    return _same_dim(vx.shape[-1], vy.shape[-1]) and _same_dim(vx.numel(), vy.numel())
+
+
+def _same_shape(x, y) -> bool:
+    vx, vy = _val(x), _val(y)
+    if not (isinstance(vx, torch.Tensor) and isinstance(vy, torch.Tensor)) or vx.dim() != vy.dim():
+        return False
+    return all(_same_dim(a, b) for a, b in zip(vx.shape, vy.shape))
+
+
 def _module_stack(node: Node) -> list[tuple[str, str]]:
     """``[(path, class qualname), ...]`` outermost first, from ``nn_module_stack``."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -168,12 +213,12 @@ def _is_see_through(node: Node) -> bool:
     src = node.args[0]
     if not isinstance(src, Node):
         return False
-    a, b = _shape_key(src), _shape_key(node)
-    if a is None or b is None:
+    a, b = _val(src), _val(node)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
     if node.target in _RESHAPES:  # (B, T, d) <-> (B*T, d): same value, feature axis kept
-        return len(a) >= 1 and len(b) >= 1 and a[-1] == b[-1]
-    return a == b
+        return a.dim() >= 1 and b.dim() >= 1 and _same_dim(a.shape[-1], b.shape[-1])
+    return _same_shape(src, node)
 
 
 class _Graph:
@@ -226,8 +271,7 @@ class _Graph:
         out = _val(node)
         if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point or out.dim() < 1:
             return False
-        key = _shape_key(node)
-        if _shape_key(a) != key or _shape_key(b) != key:
+        if not (_same_shape(a, node) and _same_shape(b, node)):
             return False
         # a mixed-dtype add (type promotion) would give one aggregation sources of two dtypes
         return _val(a).dtype == out.dtype and _val(b).dtype == out.dtype
@@ -257,7 +301,7 @@ class _Graph:
                 if inp.op == "call_function" and (_innermost(inp) or ("", ""))[0] == path:
                     todo.append(inp)
                 elif inp.op in ("call_function", "placeholder") and isinstance(_val(inp), torch.Tensor):
-                    if _shape_key(inp) == _shape_key(node):
+                    if _same_shape(inp, node):
                         external.append(inp)
         roots = {self.root(x) for x in external}
         if len(roots) == 1:
@@ -287,24 +331,41 @@ class _Add:
     node: Node
     stream_operand: Node
     stream_root: Node  # the state this add continues
-    branches: list[Node]
+    branches: list[tuple[Node, list[Node]]]  # (value, wraps) per branch
     reads_root: Node  # the value the branches read
     link: str = "plain"  # plain | postnorm | postact | reshape
     link_node: Node | None = None
 
 
-def _split_parallel(g: _Graph, branch: Node, reads: Node) -> list[Node]:
-    """``f(s) + g(s)`` as one branch operand -> two sublayers (both must read ``s``)."""
-    out, todo = [], [branch]
+def _split_parallel(g: _Graph, branch: Node, reads: Node, add: Node) -> list[tuple[Node, list[Node]]]:
+    """``f(s) + g(s)`` as one branch operand -> two sublayers (both must read ``s``), with their wraps.
+
+    Parallel branches read the same stream value and are summed in the module that
+    holds the residual add; dropout, casts or views around their sum do not change that
+    (they become each branch's ``wraps``). A sum computed inside a child module (an MoE
+    block's routed + shared experts) is that module's output: one sublayer.
+    """
+    out, todo = [], [(branch, [])]
     while todo:
-        t = todo.pop()
-        if g.is_candidate_add(t) and len(t.users) == 1:
-            a, b = t.args[0], t.args[1]
+        t, wraps = todo.pop()
+        inner, around = t, []
+        while _is_see_through(inner) and len(inner.users) == 1:
+            around.append(inner)
+            inner = inner.args[0]
+        if g.is_candidate_add(inner) and len(inner.users) == 1 and _same_call(inner, add):
+            a, b = inner.args[0], inner.args[1]
             if g.depends_on(reads, a) and g.depends_on(reads, b):
-                todo.extend([a, b])
+                inner_wraps = [*reversed(around), *wraps]  # innermost first, the way they were applied
+                todo.extend([(a, inner_wraps), (b, inner_wraps)])
                 continue
-        out.append(t)
-    return sorted(out, key=g.index.__getitem__)
+        out.append((t, wraps))
+    return sorted(out, key=lambda item: g.index[item[0]])
+
+
+def _same_call(a: Node, b: Node) -> bool:
+    """Are ``a`` and ``b`` computed directly in the same module call (not one inside a child module)?"""
+    sa, sb = a.meta.get("nn_module_stack") or {}, b.meta.get("nn_module_stack") or {}
+    return list(sa) == list(sb)
 
 
 def _find_adds(g: _Graph) -> dict[Node, _Add]:
@@ -321,14 +382,14 @@ def _find_adds(g: _Graph) -> dict[Node, _Add]:
             if br_root is s_root:
                 continue
             if g.depends_on(s_root, br):
-                found = _Add(node, s, s_root, _split_parallel(g, br, s_root), s_root)
+                found = _Add(node, s, s_root, _split_parallel(g, br, s_root, node), s_root)
                 break
         if found is None:
             # GPT-J style (s + f(s)) + g(s): g reads the state before f was added
             for s, s_root, br in ((a, ra, b), (b, rb, a)):
                 prev = adds.get(s_root)
                 if prev is not None and g.depends_on(prev.reads_root, br):
-                    found = _Add(node, s, s_root, [br], prev.reads_root)
+                    found = _Add(node, s, s_root, [(br, [])], prev.reads_root)
                     break
         if found is not None:
             adds[node] = found
@@ -422,7 +483,7 @@ def _entry_consumers(g: _Graph, state: Node, skip: set[Node]) -> list[Node]:
             if user in seen or user in skip:
                 continue
             seen.add(user)
-            if user.op == "call_function" and user.target is aten._assert_tensor_metadata.default:
+            if metadata_only(user, n):
                 continue
             if _is_see_through(user):
                 todo.append(user)
@@ -445,8 +506,8 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     sublayers = []
     for k, add in enumerate(chain, start=1):
         reads = state_index.get(add.reads_root, k - 1)
-        for br in add.branches:
-            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(g.root(br), add.node)))
+        for br, wraps in add.branches:
+            sublayers.append(Sublayer(br, add.node, reads, _sublayer_path(g.root(br), add.node), wraps))
     val = _val(states[-1])
     dim = int(val.shape[-1]) if isinstance(val, torch.Tensor) and not isinstance(val.shape[-1], torch.SymInt) else -1
     paths = [s.module_path for s in sublayers]
@@ -482,13 +543,12 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     if conv:
         stream.feature_axis = 1
         stream.dim = dim = int(val.shape[1]) if not isinstance(val.shape[1], torch.SymInt) else -1
-        if len({_shape_key(s) for s in states}) > 1:
+        if not all(_same_shape(s, states[0]) for s in states):
             stream.kind, stream.convertible = "unsupported", False
             stream.reason = "shape change along a channel-first convolutional stream"
             return stream
-    shapes = {_shape_key(s) for s in states}
-    numels = {str(_val(s).numel()) for s in states if isinstance(_val(s), torch.Tensor)}
-    if len({sh[-1] if sh else None for sh in shapes}) > 1 or len(numels) > 1:
+    if not all(_same_features_and_numel(s, states[0]) for s in states):
+        shapes = {_shape_key(s) for s in states}
         stream.kind, stream.convertible = "unsupported", False
         stream.reason = f"shape change along the stream ({', '.join(sorted(map(str, shapes)))})"
         return stream
@@ -500,14 +560,25 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
     chain_nodes = {a.node for a in chain}
     eps_values, norm_paths, prenorm = [], [], True
     for reads in stream.input_states:
-        consumers = _entry_consumers(g, states[reads], chain_nodes)
+        state = states[reads]
+        consumers = _entry_consumers(g, state, chain_nodes)
         if not consumers:
             prenorm = False
+        # a norm is recognised by what it computes (the value over the root of its second moment)
+        covered = {n: norm for norm in find_norms(g.root(state), g.root, g.index) for n in norm.region}
         for c in consumers:
             if _is_batch_norm(c):
                 prenorm = False  # per-channel affine at inference: not invariant to the 1/K scale of paper mode
                 continue
-            if c.op == "call_function" and c.target in _NORM_OPS:
+            norm = covered.get(c)
+            if norm is not None:
+                path = (_innermost(norm.point) or (norm.point.name,))[0]
+                eps = norm.eps if norm.eps is not None else g.module_eps(path)
+                if eps is not None:
+                    eps_values.append(eps)
+                norm_paths.append(f"{path} ({norm.kind})")
+                continue
+            if c.op == "call_function" and c.target in _NORM_OPS:  # group/batch norm ops of conv streams
                 idx = _NORM_OPS[c.target]
                 eps = c.args[idx] if len(c.args) > idx else None
                 if isinstance(eps, (int, float)):
@@ -515,11 +586,11 @@ def _classify(g: _Graph, chain: list[_Add], index: int) -> Stream:
                 norm_paths.append((_innermost(c) or (c.name,))[0])
                 continue
             entry = _innermost(c)
-            if _is_norm_module(entry):
+            if _is_norm_module(entry):  # a module named like a norm whose computation is not one we know
                 eps = g.module_eps(entry[0])
                 if eps is not None:
                     eps_values.append(eps)
-                norm_paths.append(entry[0])
+                norm_paths.append(f"{entry[0]} (by name)")
                 continue
             prenorm = False
     if prenorm:

@@ -26,7 +26,15 @@ from ..errors import InvalidInputError
 from ..reference import DEFAULT_EPS, MODES, block_partition
 from .plan_schema import check_plan_dict
 
-__all__ = ["StreamPlan", "ConversionPlan", "PLAN_FORMAT", "make_stream_plan", "plan_mismatch"]
+__all__ = [
+    "StreamPlan",
+    "ConversionPlan",
+    "PLAN_FORMAT",
+    "make_stream_plan",
+    "plan_mismatch",
+    "layer_of",
+    "layer_partition",
+]
 
 PLAN_FORMAT = 1
 
@@ -77,6 +85,7 @@ class ConversionPlan:
     block_size: int | None = None
     format: int = PLAN_FORMAT
     notes: list[str] = field(default_factory=list)
+    layers_per_block: int | None = None
 
     def stream(self, name: str) -> StreamPlan:
         for s in self.streams:
@@ -144,8 +153,45 @@ def resolve_partition(
     return [[r.start, r.stop] for r in block_partition(num_sublayers, num_blocks, block_size)]
 
 
+def layer_of(path: str) -> str:
+    """The layer a sublayer belongs to: its path up to the first index (``model.layers.3.mlp`` -> ``model.layers.3``).
+
+    A sublayer path without an index (a model without a layer list) is its own layer.
+    """
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return path
+
+
+def layer_partition(sublayers: list[str], layers_per_block: int, stream: str = "stream") -> list[list[int]]:
+    """Blocks of ``layers_per_block`` whole layers, as sublayer ``[start, stop)`` pairs.
+
+    The convention of the Kimi reference model, Megatron-LM and flash-linear-attention:
+    a block starts only at a layer boundary, so a layer's attention and MLP are never in
+    two blocks. The last block may hold fewer layers.
+    """
+    if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < 1:
+        raise InvalidInputError(f"layers_per_block must be a positive integer, got {layers_per_block!r}")
+    starts = [i for i, path in enumerate(sublayers) if i == 0 or layer_of(path) != layer_of(sublayers[i - 1])]
+    if layers_per_block > len(starts):
+        raise InvalidInputError(
+            f"layers_per_block={layers_per_block} is out of range for stream {stream!r}: it has {len(starts)} layers"
+        )
+    bounds = starts[::layers_per_block] + [len(sublayers)]
+    return [[a, b] for a, b in zip(bounds, bounds[1:])]
+
+
 def make_stream_plan(
-    stream, *, num_blocks, block_size, full, eps: float | None, owner: str | None = None
+    stream,
+    *,
+    num_blocks,
+    block_size,
+    full,
+    eps: float | None,
+    owner: str | None = None,
+    layers_per_block: int | None = None,
 ) -> StreamPlan:
     """Plan one detected stream (a :class:`~.detect.Stream`)."""
     rows = {state: row for row, state in enumerate(stream.input_states)}
@@ -157,7 +203,7 @@ def make_stream_plan(
         dtype=str(stream.dtype).replace("torch.", ""),
         sublayers=[s.module_path for s in stream.sublayers],
         inputs=[rows[s.reads] for s in stream.sublayers],
-        blocks=resolve_partition(len(stream.sublayers), num_blocks, block_size, full, stream.name),
+        blocks=_partition(stream, num_blocks, block_size, full, layers_per_block),
         eps=float(chosen_eps),
         query=f"attnres.{stream.name}.query",
         key_gain=f"attnres.{stream.name}.key_gain",
@@ -197,6 +243,17 @@ def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
         if [rows[x.reads] for x in s.sublayers] != sp.inputs:
             return f"stream {sp.name!r}: the sublayers share inputs differently (parallel branches)"
     return None
+
+
+def _partition(stream, num_blocks, block_size, full, layers_per_block) -> list[list[int]]:
+    paths = [s.module_path for s in stream.sublayers]
+    if layers_per_block is None:
+        return resolve_partition(len(paths), num_blocks, block_size, full, stream.name)
+    if full or num_blocks is not None or block_size is not None:
+        raise InvalidInputError(
+            "layers_per_block sets the whole partition; do not also pass num_blocks/block_size/full"
+        )
+    return layer_partition(paths, layers_per_block, stream.name)
 
 
 def check_mode(mode: str) -> None:

@@ -178,9 +178,10 @@ STREAM_FIELDS: dict[str, Checker] = {
     "owner": _owner,
 }
 
-# Fields that adapters written before they existed lack; absent, they take their
+# Fields that adapters written before they existed lack (both only record how the
+# plan was made); absent, they take their
 # dataclass default (an unrecorded owner only means the model must be traced first).
-OPTIONAL_FIELDS = frozenset({"owner"})
+OPTIONAL_FIELDS = frozenset({"owner", "layers_per_block"})
 
 PLAN_FIELDS: dict[str, Checker] = {
     "streams": _streams,
@@ -188,6 +189,7 @@ PLAN_FIELDS: dict[str, Checker] = {
     "full": _bool,
     "num_blocks": _optional_count,
     "block_size": _optional_count,
+    "layers_per_block": _optional_count,
     "format": _format,
     "notes": _notes,
 }

@@ -83,9 +83,9 @@ class _Cursor:
         self.created: set[Node] = set()
         self.stack: dict | None = None
 
-    def call(self, target, args, meta: dict | None = None) -> Node:
+    def call(self, target, args, meta: dict | None = None, kwargs: dict | None = None) -> Node:
         with self.graph.inserting_after(self.node):
-            new = self.graph.call_function(target, args)
+            new = self.graph.call_function(target, args, kwargs)
         self._done(new, meta)
         return new
 
@@ -211,7 +211,11 @@ def _rewrite_stream(gm: GraphModule, stream: Stream, plan: StreamPlan, mode: str
         cur = _Cursor(graph, _insertion_point(state))
         for l in added_at.get(j, []):
             cur.stack = _stack(stream.sublayers[l].add)
-            v = _reshape_like(cur, stream.sublayers[l].value, stream.start)
+            v = stream.sublayers[l].value
+            for wrap in stream.sublayers[l].wraps:  # what the model applied to the sum of parallel branches
+                meta = {"val": wrap.meta["val"]} if "val" in wrap.meta else None
+                v = cur.call(wrap.target, (v, *wrap.args[1:]), meta, kwargs=dict(wrap.kwargs))
+            v = _reshape_like(cur, v, stream.start)
             if partial is None:
                 partial = v
             else:
