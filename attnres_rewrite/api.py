@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapter import load_adapter, save_adapter
 from .errors import InvalidInputError, NoResidualStreamError, NotConvertibleError
-from .passes.capture import Captured, capture, normalize_inputs
+from .passes.capture import Captured, capture, normalize_inputs, static_axes
 from .passes.detect import Detection, Stream, detect, stream_owner
 from .passes.plan import ConversionPlan, check_eps, check_mode, make_stream_plan, resolve_partition
 from .passes.rewrite import make_parameters
@@ -46,6 +46,13 @@ __all__ = [
 ]
 
 
+#: Version of the JSON reports (``inspect``/``convert``/``verify``/``export``/``bench``
+#: ``--json``, ``report.json``, :meth:`InspectReport.to_dict`); docs/cli.md "JSON
+#: reports" lists their fields. One naming rule: a plural name is a list (``sublayers``:
+#: module paths, ``blocks``: ``[start, stop)`` pairs), its count is ``num_<name>``.
+REPORT_FORMAT = 1
+
+
 @dataclass
 class StreamReport:
     """One residual stream as the detector sees it."""
@@ -62,6 +69,14 @@ class StreamReport:
     eps: float | None
     blocks: list[list[int]]  # the default partition convert would use ([start, stop) per block)
     norms: list[str] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stream as every report shows it (:data:`REPORT_FORMAT`): lists and their ``num_`` counts."""
+        return {**asdict(self), "num_blocks": self.num_blocks}
 
     @classmethod
     def from_stream(cls, s: Stream) -> StreamReport:
@@ -93,13 +108,20 @@ class InspectReport:
     streams: list[StreamReport]
     skipped: list[StreamReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    static_axes: list[str] = field(default_factory=list)  # input axes the model's code fixed (see capture)
 
     @property
     def convertible(self) -> list[StreamReport]:
         return [s for s in self.streams if s.convertible]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "report_format": REPORT_FORMAT,
+            "streams": [s.to_dict() for s in self.streams],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "notes": list(self.notes),
+            "static_axes": list(self.static_axes),
+        }
 
 
 def inspect(model: nn.Module, example_inputs: Any, *, trace_depth: str = "auto") -> InspectReport:
@@ -117,6 +139,7 @@ def inspect_captured(captured: Captured) -> InspectReport:
         streams=[StreamReport.from_stream(s) for s in detection.streams],
         skipped=[StreamReport.from_stream(s) for s in detection.skipped],
         notes=list(captured.notes),
+        static_axes=static_axes(captured),
     )
 
 

@@ -107,6 +107,7 @@ def test_cpu_default_decomposes_for_inductor():
     if DEVICE != "cpu":
         pytest.skip("the CPU choice of the auto lowering")
     from attnres_rewrite import samples
+
     model, inputs = samples.get("llama", layers=2, dropout=0.0)
     converted, inputs = _converted(model, inputs, num_blocks=2)
     reports = []

@@ -41,9 +41,9 @@ def test_convert_writes_adapter_and_report(adapter):
     out, payload = adapter
     assert sorted(p.name for p in out.iterdir()) == ["attnres.safetensors", "attnres_config.json", "report.json"]
     assert json.loads((out / "report.json").read_text()) == payload
-    assert payload["streams_converted"] == 1
-    assert payload["blocks"] == 2
-    assert payload["sublayers"] == sum(s["sublayers"] for s in payload["streams"])
+    assert payload["num_streams_converted"] == 1
+    assert payload["num_blocks"] == 2
+    assert payload["num_sublayers"] == sum(s["num_sublayers"] for s in payload["streams"])
     assert payload["params_added"] > 0
     assert 0 <= payload["max_rel_diff"] < 1e-3  # paper mode on a pre-norm stream: equal up to the norms' eps
     assert payload["max_abs_diff"] >= 0
@@ -286,8 +286,8 @@ def test_hf_directory_convert_then_verify_without_report(hf_dir, tmp_path):
     result = invoke("convert", str(hf_dir), "-o", str(out), "--seq-len", "8", "--mode", "exact", "--json")
     payload = ok_json(result)
     assert "random weights" in result.stderr
-    assert payload["streams_converted"] >= 1
-    assert payload["sublayers"] == 4  # 2 decoder layers x (attention, MLP)
+    assert payload["num_streams_converted"] >= 1
+    assert payload["num_sublayers"] == 4  # 2 decoder layers x (attention, MLP)
     assert payload["mode"] == "exact"
     assert payload["max_rel_diff"] < 1e-4  # exact mode: equal to float rounding
     (out / "report.json").unlink()  # no recorded difference: the tolerance comes from the plan's mode

@@ -25,8 +25,19 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 JSON_KEYS = {
-    "inspect": {"streams"},
-    "convert": {"streams_converted", "sublayers", "blocks", "params_added", "max_abs_diff", "max_rel_diff"},
+    "inspect": {"report_format", "streams", "static_axes"},
+    "convert": {
+        "report_format",
+        "num_streams_converted",
+        "num_sublayers",
+        "num_blocks",
+        "streams",
+        "params_added",
+        "max_abs_diff",
+        "max_rel_diff",
+        "max_ref",
+        "check_passed",
+    },
     "export": {"onnx_path", "opset", "max_abs_diff", "max_rel_diff", "providers"},
     "verify": {"ok", "checks"},
     "bench": {"results", "overhead_pct"},

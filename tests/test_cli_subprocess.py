@@ -39,7 +39,7 @@ def test_every_command_on_samples_and_a_hugging_face_directory(tmp_path):
     proc = attnres("convert", "samples:gpt2", "-o", "out/gpt2", "--blocks", "2", "--json", cwd=tmp_path)
     convert = json_of(proc)
     assert "Converting residual streams" in proc.stderr  # progress goes to stderr, JSON alone to stdout
-    assert convert["blocks"] == 2
+    assert convert["num_blocks"] == 2
     assert (tmp_path / "out/gpt2/attnres.safetensors").is_file()
 
     config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32)

@@ -265,3 +265,147 @@ def test_inputs_the_check_cannot_resample_fall_back_to_the_example_or_the_caller
     assert given.inputs == "given" and given.input_shapes == [[2, 11]]
     with pytest.raises(ar.errors.InvalidInputError, match="could not run the models on check inputs.*image tokens"):
         ar.equivalence(model, converted, (ids,), check_inputs=(torch.randint(0, 49, (2, 8)),))
+
+
+# --------------------------------------------------------------------------------------
+# the CLI: failed checks write nothing, static axes said loudly, check inputs, one report
+# schema, blocks of whole layers. MODEL is a factory of this module (pytest puts tests/ on
+# sys.path, so ``test_detect_classes:NAME`` imports it).
+
+
+class Scan(RandomMasking):
+    """A recurrence over time written as a Python loop: the trace unrolls it, fixing T."""
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for n, f in zip(self.norms, self.fs):
+            h = f(n(x))
+            steps = [h[:, 0]]
+            for t in range(1, h.shape[1]):
+                steps.append(0.5 * steps[-1] + h[:, t])
+            x = x + torch.stack(steps, 1)
+        return x
+
+
+def zero_head():
+    torch.manual_seed(0)
+    return ZeroHead().eval(), (_ids(),)
+
+
+def image_tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49, (2, 8))
+    ids[:, :2] = 49
+    return ImageTokens().eval(), (ids,)
+
+
+def scan():
+    torch.manual_seed(0)
+    return Scan().eval(), (_ids(8),)
+
+
+def parallel_layers():
+    torch.manual_seed(0)
+    return Stack(lambda: Parallel(False), 5).eval(), (_ids(),)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from attnres_rewrite.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _json(result) -> dict:
+    import json
+
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_convert_writes_nothing_when_its_own_check_fails(tmp_path):
+    """Class C: a check that cannot tell (constant output) is a failed check: exit 1, no DIR, unless asked."""
+    out = tmp_path / "out"
+    refused = _cli("convert", "test_detect_classes:zero_head", "-o", str(out), "--mode", "exact")
+    assert refused.exit_code == 1, refused.stderr
+    assert "inconclusive" in refused.stderr and "--write-on-failed-check" in refused.stderr
+    assert not out.exists()
+    args = ("convert", "test_detect_classes:zero_head", "-o", str(out), "--mode", "exact", "--json")
+    written = _json(_cli(*args, "--write-on-failed-check"))
+    assert written["check_passed"] is False and written["check_inconclusive"] is True
+    assert written["max_ref"] == 0.0 and "does not vary with the input" in written["check_failure"]
+    assert written["stream_rms"] > 0
+    assert (out / "attnres_config.json").is_file()
+
+
+def test_the_check_rule_and_the_paper_mode_hint():
+    from types import SimpleNamespace
+
+    from attnres_rewrite.cli.commands.converting import check_failure, paper_mode_hint
+
+    check = {"finite": True, "inconclusive": False, "max_abs": 2e-3, "max_ref": 1.0}
+    assert check_failure(check, "paper", torch.float32) is None  # paper mode changes the function by design
+    assert "exact mode differs" in check_failure(check, "exact", torch.float32)
+    assert check_failure(check, "exact", torch.bfloat16) is None  # within bf16 rounding of a deep sum
+    assert "NaN" in check_failure({**check, "finite": False}, "paper", torch.float32)
+    prenorm = SimpleNamespace(streams=[SimpleNamespace(name="layers", kind="prenorm", eps=1e-6)])
+    hint = paper_mode_hint("paper", 0.2, prenorm, 0.02)
+    assert "although its streams are pre-norm" in hint and "stream RMS 0.02, key-norm eps 1e-06" in hint
+    assert "without pre-norm" not in hint
+    additive = SimpleNamespace(streams=[SimpleNamespace(name="h", kind="additive", eps=1e-6)])
+    assert "expected for streams without pre-norm (h)" in paper_mode_hint("paper", 0.2, additive, 0.02)
+    assert paper_mode_hint("paper", 1e-5, prenorm, 0.02) is None and paper_mode_hint("exact", 0.2, prenorm, 1) is None
+
+
+def test_check_inputs_replace_the_ones_the_check_cannot_invent(tmp_path):
+    """Class D: image tokens a resampling breaks; the check falls back loudly, or runs on the user's inputs."""
+    from safetensors.torch import save_file
+
+    fallback = _cli("convert", "test_detect_classes:image_tokens", "-o", str(tmp_path / "a"), "--json")
+    assert _json(fallback)["check_inputs"] == "example"
+    assert "ran on the example inputs themselves" in fallback.stderr
+    other = torch.randint(0, 49, (3, 11))
+    other[:, 4:6] = 49
+    save_file({"0": other}, tmp_path / "check.safetensors")
+    args = ("convert", "test_detect_classes:image_tokens", "--mode", "exact", "--json")
+    given = _json(_cli(*args, "-o", str(tmp_path / "b"), "--check-inputs", str(tmp_path / "check.safetensors")))
+    assert given["check_inputs"] == "given" and given["check_input_shapes"] == [[3, 11]] and given["check_passed"]
+    save_file({"0": other, "mask": other.clone()}, tmp_path / "mixed.safetensors")
+    mixed = _cli(*args, "-o", str(tmp_path / "c"), "--check-inputs", str(tmp_path / "mixed.safetensors"))
+    assert mixed.exit_code == 2 and "mixes positional (0) and keyword tensors" in mixed.stderr
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04not safetensors")
+    broken = _cli(*args, "-o", str(tmp_path / "c"), "--check-inputs", str(tmp_path / "pickle.safetensors"))
+    assert broken.exit_code == 2 and "is not a safetensors file" in broken.stderr
+
+
+def test_static_axes_are_said_loudly_by_inspect_and_convert(tmp_path):
+    """Class B: a Python loop over time pins T; both commands' JSON and stderr say which axis."""
+    inspected = _cli("inspect", "test_detect_classes:scan", "--json")
+    assert _json(inspected)["static_axes"] == ["ids axis 1 = 8"]
+    assert "warning:" in inspected.stderr and "ids axis 1 = 8" in inspected.stderr
+    converted = _cli("convert", "test_detect_classes:scan", "-o", str(tmp_path / "o"), "--json")
+    assert "ids axis 1 = 8" in _json(converted)["static_axes"]  # and the check's own length, traced again
+    assert "warning:" in converted.stderr
+
+
+def test_one_report_schema_and_blocks_of_whole_layers(tmp_path):
+    """Classes E and F: lists and their num_ counts under one format; --layers-per-block never splits a layer."""
+    inspected = _json(_cli("inspect", "test_detect_classes:parallel_layers", "--layers-per-block", "2", "--json"))
+    out = tmp_path / "o"
+    args = ("convert", "test_detect_classes:parallel_layers", "-o", str(out), "--layers-per-block", "2", "--json")
+    converted = _json(_cli(*args))
+    for report in (inspected, converted):
+        assert report["report_format"] == 1
+        (stream,) = report["streams"]
+        assert stream["sublayers"] == [f"layers.{i}.{m}" for i in range(5) for m in ("attn", "mlp")]
+        assert stream["num_sublayers"] == 10 and stream["num_blocks"] == 3
+        assert stream["blocks"] == [[0, 4], [4, 8], [8, 10]]
+    assert converted["num_sublayers"] == 10 and converted["num_blocks"] == 3 and converted["num_streams_converted"] == 1
+    import json
+
+    assert json.loads((out / "report.json").read_text())["streams"] == converted["streams"]
+    plan = json.loads((out / "attnres_config.json").read_text())["plan"]
+    assert plan["layers_per_block"] == 2 and plan["streams"][0]["blocks"] == [[0, 4], [4, 8], [8, 10]]
+    both = _cli("convert", "test_detect_classes:parallel_layers", "-o", str(tmp_path / "x"), "-l", "2", "-n", "2")
+    assert both.exit_code == 2 and "--blocks and --layers-per-block are alternatives" in both.stderr

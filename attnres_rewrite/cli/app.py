@@ -72,6 +72,7 @@ def inspect(
     blocks: o.Blocks = None,
     block_size: o.BlockSize = None,
     full: o.Full = False,
+    layers_per_block: o.LayersPerBlock = None,
     trace_depth: o.TraceDepthOpt = o.TraceDepth.auto,
     batch: o.Batch = None,
     seq_len: o.SeqLen = None,
@@ -87,6 +88,7 @@ def inspect(
         blocks=blocks,
         block_size=block_size,
         full=full,
+        layers_per_block=layers_per_block,
         trace_depth=trace_depth.value,
         batch=batch,
         seq_len=seq_len,
@@ -106,6 +108,7 @@ def convert(
     blocks: o.Blocks = None,
     block_size: o.BlockSize = None,
     full: o.Full = False,
+    layers_per_block: o.LayersPerBlock = None,
     mode: o.ModeOpt = o.Mode.paper,
     eps: o.Eps = None,
     trace_depth: o.TraceDepthOpt = o.TraceDepth.auto,
@@ -118,6 +121,24 @@ def convert(
             "attnres_rewrite.load_converted(DIR) loads it in one call.",
         ),
     ] = False,
+    check_inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--check-inputs",
+            metavar="FILE.safetensors",
+            help="Inputs for the equivalence check instead of resampled ones: tensors named by forward's "
+            "keywords (input_ids, pixel_values, ...) or 0, 1, ... for positional arguments.",
+            show_default=False,
+        ),
+    ] = None,
+    write_on_failed_check: Annotated[
+        bool,
+        typer.Option(
+            "--write-on-failed-check",
+            help="Write DIR even when the equivalence check fails or is inconclusive (default: exit 1, "
+            "nothing written).",
+        ),
+    ] = False,
     batch: o.Batch = None,
     seq_len: o.SeqLen = None,
     seed: o.Seed = 0,
@@ -128,7 +149,9 @@ def convert(
     from .commands import converting
     from .common import ConversionOptions
 
-    options = ConversionOptions(blocks, block_size, full, mode.value, eps, trace_depth.value)
+    options = ConversionOptions(
+        blocks, block_size, full, mode.value, eps, trace_depth.value, layers_per_block=layers_per_block
+    )
     converting.run(
         model,
         output,
@@ -139,6 +162,8 @@ def convert(
         seed=seed,
         as_json=json,
         whole_model=whole_model,
+        check_inputs=check_inputs,
+        write_on_failed_check=write_on_failed_check,
     )
 
 
@@ -160,6 +185,7 @@ def export(
     blocks: o.Blocks = None,
     block_size: o.BlockSize = None,
     full: o.Full = False,
+    layers_per_block: o.LayersPerBlock = None,
     mode: o.ModeOpt = o.Mode.paper,
     eps: o.Eps = None,
     force: o.Force = False,
@@ -173,7 +199,7 @@ def export(
     from .commands import exporting
     from .common import ConversionOptions
 
-    options = ConversionOptions(blocks, block_size, full, mode.value, eps)
+    options = ConversionOptions(blocks, block_size, full, mode.value, eps, layers_per_block=layers_per_block)
     exporting.run(
         model,
         output,
@@ -242,6 +268,7 @@ def bench(
     blocks: o.Blocks = None,
     block_size: o.BlockSize = None,
     full: o.Full = False,
+    layers_per_block: o.LayersPerBlock = None,
     mode: o.ModeOpt = o.Mode.paper,
     eps: o.Eps = None,
     batch: o.Batch = None,
@@ -254,7 +281,7 @@ def bench(
     from .commands import benchmarking
     from .common import ConversionOptions
 
-    options = ConversionOptions(blocks, block_size, full, mode.value, eps)
+    options = ConversionOptions(blocks, block_size, full, mode.value, eps, layers_per_block=layers_per_block)
     benchmarking.run(
         model,
         adapter=adapter,

@@ -46,11 +46,17 @@ class ConversionOptions:
     mode: str = "paper"
     eps: float | None = None
     trace_depth: str = "auto"  # how the model is traced, not a conversion setting: allowed with --adapter
+    layers_per_block: int | None = None
 
     def __post_init__(self) -> None:
         chosen = [
             flag
-            for flag, on in (("--blocks", self.blocks), ("--block-size", self.block_size), ("--full", self.full))
+            for flag, on in (
+                ("--blocks", self.blocks),
+                ("--block-size", self.block_size),
+                ("--full", self.full),
+                ("--layers-per-block", self.layers_per_block),
+            )
             if on
         ]
         if len(chosen) > 1:
@@ -61,13 +67,15 @@ class ConversionOptions:
     @property
     def given(self) -> bool:
         """Whether any conversion flag differs from its default (they conflict with --adapter)."""
-        return bool(self.blocks or self.block_size or self.full or self.mode != "paper" or self.eps is not None)
+        partition = self.blocks or self.block_size or self.full or self.layers_per_block
+        return bool(partition or self.mode != "paper" or self.eps is not None)
 
     def kwargs(self) -> dict[str, Any]:
         return {
             "num_blocks": self.blocks,
             "block_size": self.block_size,
             "full": self.full,
+            "layers_per_block": self.layers_per_block,
             "mode": self.mode,
             "eps": self.eps,
             "trace_depth": self.trace_depth,
@@ -152,25 +160,70 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int) -> dict[str, Any]:
-    """The API's check on fresh inputs (other batch and sequence sizes than the trace)."""
+def equivalence(resolved: ResolvedModel, converted: nn.Module, seed: int, check_inputs: Any = None) -> dict[str, Any]:
+    """The API's check on fresh inputs (other batch and sequence sizes than the trace), or on ``check_inputs``."""
     api = backend("api")
-    with output.step("Checking equivalence on fresh inputs"):
-        report = api.equivalence(resolved.model, converted, resolved.example_inputs, seed=seed)
+    with output.step("Checking equivalence on " + ("the given inputs" if check_inputs is not None else "fresh inputs")):
+        report = api.equivalence(
+            resolved.model, converted, resolved.example_inputs, seed=seed, check_inputs=check_inputs
+        )
     return report.to_dict()
 
 
+def read_check_inputs(path: Path) -> Any:
+    """``--check-inputs FILE``: tensors named by forward's keywords, or ``0``, ``1``, ... for positional arguments.
+
+    A safetensors file (no code runs when it is read); read before MODEL loads, so a
+    bad file costs milliseconds.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    fix = "write one with safetensors.torch.save_file({'input_ids': ids, ...}, FILE)"
+    if not path.is_file():
+        raise InvalidInputError(f"--check-inputs {str(path)!r} is not a file; {fix}.")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidInputError(f"--check-inputs {str(path)!r} is not a safetensors file ({exc}); {fix}.") from exc
+    if not tensors:
+        raise InvalidInputError(f"--check-inputs {str(path)!r} holds no tensor; {fix}.")
+    positional = sorted(k for k in tensors if k.isdigit())
+    if positional and len(positional) != len(tensors):
+        raise InvalidInputError(
+            f"--check-inputs {str(path)!r} mixes positional ({', '.join(positional)}) and keyword tensors; "
+            "name them all by forward's keywords, or all 0, 1, ..."
+        )
+    if positional:
+        if sorted(int(k) for k in positional) != list(range(len(positional))):
+            raise InvalidInputError(
+                f"--check-inputs {str(path)!r}: positional tensors must be named 0..{len(positional) - 1}, "
+                f"got {', '.join(positional)}"
+            )
+        return tuple(tensors[str(i)] for i in range(len(positional)))
+    return dict(tensors)
+
+
 def plan_summary(converted: nn.Module) -> dict[str, Any]:
-    """The report fields describing what was converted: counts plus the per-stream partition."""
+    """The report fields describing what was converted (:data:`~attnres_rewrite.api.REPORT_FORMAT` names)."""
     plan = plan_of(converted)
     streams = [
-        {"name": s.name, "kind": s.kind, "sublayers": s.num_sublayers, "blocks": s.blocks, "eps": s.eps}
+        {
+            "name": s.name,
+            "kind": s.kind,
+            "sublayers": list(s.sublayers),
+            "num_sublayers": s.num_sublayers,
+            "blocks": s.blocks,
+            "num_blocks": s.num_blocks,
+            "eps": s.eps,
+            "owner": s.owner,
+        }
         for s in plan.streams
     ]
     return {
-        "streams_converted": len(streams),
-        "sublayers": sum(s.num_sublayers for s in plan.streams),
-        "blocks": sum(s.num_blocks for s in plan.streams),
+        "num_streams_converted": len(streams),
+        "num_sublayers": sum(s.num_sublayers for s in plan.streams),
+        "num_blocks": sum(s.num_blocks for s in plan.streams),
         "streams": streams,
         "notes": list(plan.notes),
     }

@@ -74,8 +74,9 @@ def check_directory(path: Path, *, force: bool, model_spec: str | None = None) -
         entries = sorted(p.name for p in path.iterdir())
         if entries and not force:
             raise OutputError(f"output directory {str(path)!r} exists and is not empty; pass --force to replace it.")
-        if entries and not _is_adapter_directory(path, entries):
-            foreign = [name for name in entries if name not in ADAPTER_DIR_FILES] or entries
+        known = _known_files(path) if entries else set()
+        if entries and not _is_adapter_directory(path, entries, known):
+            foreign = [name for name in entries if name not in (known or ADAPTER_DIR_FILES)] or entries
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise OutputError(
                 f"--force replaces only a directory written by `attnres convert` or an empty one, and "
@@ -84,25 +85,28 @@ def check_directory(path: Path, *, force: bool, model_spec: str | None = None) -
     _check_writable(path.absolute().parent, path)
 
 
-def _is_adapter_directory(path: Path, entries: list[str]) -> bool:
-    """Our known file set, as plain files, with an adapter config that parses as one.
+def _known_files(path: Path) -> set[str]:
+    """What ``attnres convert`` wrote into ``path``, if it looks like one of its directories (else nothing).
 
-    The known set is the adapter's three files plus those its ``report.json`` lists as
-    written (``convert --whole-model`` adds the whole model's, whose names depend on
-    the model: ``config.json``, weight shards).
+    The adapter's three files plus those its ``report.json`` lists as written
+    (``convert --whole-model`` adds the whole model's, whose names depend on the
+    model: ``config.json``, weight shards); only when the adapter config parses as one.
     """
-    if CONFIG_NAME not in entries:
-        return False
-    if any((path / name).is_symlink() or not (path / name).is_file() for name in entries):
-        return False
     config, report = _json_object(path / CONFIG_NAME), _json_object(path / REPORT_NAME)
     if config is None or "plan" not in config or "format" not in config:
-        return False
+        return set()
     listed = report.get("files") if report else None
     known = set(ADAPTER_DIR_FILES)
     if isinstance(listed, list):
-        known |= {name for name in listed if isinstance(name, str) and name and "/" not in name and name != ".."}
-    return set(entries) <= known
+        known |= {name for name in listed if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name}
+    return known
+
+
+def _is_adapter_directory(path: Path, entries: list[str], known: set[str]) -> bool:
+    """Our known file set, as plain files (no links), holding an adapter config."""
+    if CONFIG_NAME not in entries or not set(entries) <= known:
+        return False
+    return not any((path / name).is_symlink() or not (path / name).is_file() for name in entries)
 
 
 def _json_object(path: Path) -> dict | None:

@@ -59,6 +59,16 @@ BlockSize = Annotated[
         "--block-size", "-s", min=1, help="Sublayers per block S instead of --blocks.", rich_help_panel=CONVERSION
     ),
 ]
+LayersPerBlock = Annotated[
+    int | None,
+    typer.Option(
+        "--layers-per-block",
+        "-l",
+        min=1,
+        help="Blocks of whole layers (attention and MLP of a layer stay in one block), instead of --blocks.",
+        rich_help_panel=CONVERSION,
+    ),
+]
 Full = Annotated[
     bool, typer.Option("--full", help="Full AttnRes (one block per sublayer).", rich_help_panel=CONVERSION)
 ]

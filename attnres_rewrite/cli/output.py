@@ -35,6 +35,11 @@ def note(message: str) -> None:
     stderr().print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """Something the user must act on or accept knowingly (not a failure): never dimmed."""
+    stderr().print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", soft_wrap=True)
+
+
 @contextmanager
 def step(label: str) -> Iterator[Callable[[str], None]]:
     """Show a spinner for a long step on a terminal; log its completion and duration to stderr.
@@ -73,6 +78,10 @@ def jsonable(value: Any) -> Any:
 
 
 def emit_json(payload: dict[str, Any]) -> None:
+    """One JSON document on stdout, its ``report_format`` first (docs/cli.md, "JSON reports")."""
+    from attnres_rewrite.api import REPORT_FORMAT
+
+    payload = {"report_format": REPORT_FORMAT, **payload}
     sys.stdout.write(json.dumps(jsonable(payload), indent=2) + "\n")
     sys.stdout.flush()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +91,18 @@ class CallInputs:
             for t in (self.leaves[i] for i in self.tensor_positions)
         )
 
-    def names(self) -> list[str]:
-        """A readable name per leaf: ``input_ids``, ``0`` (first positional), ``cache.key_cache.0``."""
+    def names(self, positional: Sequence[str] = ()) -> list[str]:
+        """A readable name per leaf: ``input_ids``, ``0`` (first positional), ``cache.key_cache.0``.
+
+        ``positional`` names the positional arguments (forward's parameter names), so
+        the first one reads ``ids`` instead of ``0``.
+        """
         flat, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten(self.leaves, self.spec))
         out = []
         for path, _leaf in flat:
             parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path[1:]]
+            if getattr(path[0], "idx", None) == 0 and parts and int(parts[0]) < len(positional):  # an args leaf
+                parts[0] = positional[int(parts[0])]
             out.append(".".join(p for p in parts if p != "__dict__") or "input")
         return out
 

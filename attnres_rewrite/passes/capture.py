@@ -16,6 +16,7 @@ captures again where a call does not fit).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ __all__ = [
     "dynamic_axes",
     "capture_axes",
     "prefix_module_paths",
+    "static_axes",
     "TRACE_DEPTHS",
 ]
 
@@ -322,3 +324,44 @@ def prefix_module_paths(gm: torch.fx.GraphModule, prefix: str) -> None:
             node.meta["nn_module_stack"] = {
                 key: (f"{prefix}.{value[0]}" if value[0] else prefix, *value[1:]) for key, value in stack.items()
             }
+
+
+def static_axes(captured: Captured) -> list[str]:
+    """Axes the trace was asked to keep dynamic but the model fixed (``input_ids axis 1 = 7``)."""
+    call = captured.inputs
+    if not captured.dynamic:
+        return ["every axis (the dynamic trace failed)"]
+    placeholders = [n for n in captured.program.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - len(call.tensor_positions) :]
+    names = call.names(_positional_names(captured.model))
+    out = []
+    for node, position in zip(user, call.tensor_positions):
+        val = node.meta.get("val")
+        tensor = call.leaves[position]
+        if not isinstance(val, Tensor):
+            continue
+        for axis in capture_axes(tensor):
+            if tensor.shape[axis] >= 2 and _fixed(val.shape[axis], captured.program.range_constraints):
+                out.append(f"{names[position]} axis {axis} = {tensor.shape[axis]}")
+    return out
+
+
+def _fixed(size: Any, ranges: dict) -> bool:
+    """A traced size that is a constant, or a symbol whose only allowed value is one (a guard ``T == 5``)."""
+    if isinstance(size, int):
+        return True
+    expr = size.node.expr
+    if expr.is_number:
+        return True
+    bounds = ranges.get(expr)
+    return bounds is not None and bounds.lower == bounds.upper
+
+
+def _positional_names(model: nn.Module) -> list[str]:
+    """forward's positional parameter names (empty when its signature cannot be read)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]

@@ -39,7 +39,7 @@ from torch import Tensor, fx, nn
 
 from ..errors import AttnResError, NotConvertibleError, TraceError
 from ..passes.call_inputs import CallInputs
-from ..passes.capture import Captured, capture_axes, capture_call, prefix_module_paths
+from ..passes.capture import Captured, capture_call, prefix_module_paths, static_axes
 from ..passes.detect import Detection, detect
 from ..passes.outline import Outline, layer_paths, outline
 from ..passes.plan import ConversionPlan, plan_mismatch
@@ -367,37 +367,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(output)
     graph._codegen = gm.graph._codegen
     return fx.GraphModule(gm, graph, class_name="AttnResGraph")
-
-
-def static_axes(captured: Captured) -> list[str]:
-    """Axes the trace was asked to keep dynamic but the model fixed (``input_ids axis 1 = 7``)."""
-    call = captured.inputs
-    if not captured.dynamic:
-        return ["every axis (the dynamic trace failed)"]
-    placeholders = [n for n in captured.program.graph.nodes if n.op == "placeholder"]
-    user = placeholders[len(placeholders) - len(call.tensor_positions) :]
-    names = call.names()
-    out = []
-    for node, position in zip(user, call.tensor_positions):
-        val = node.meta.get("val")
-        tensor = call.leaves[position]
-        if not isinstance(val, Tensor):
-            continue
-        for axis in capture_axes(tensor):
-            if tensor.shape[axis] >= 2 and _fixed(val.shape[axis], captured.program.range_constraints):
-                out.append(f"{names[position]} axis {axis} = {tensor.shape[axis]}")
-    return out
-
-
-def _fixed(size: Any, ranges: dict) -> bool:
-    """A traced size that is a constant, or a symbol whose only allowed value is one (a guard ``T == 5``)."""
-    if isinstance(size, int):
-        return True
-    expr = size.node.expr
-    if expr.is_number:
-        return True
-    bounds = ranges.get(expr)
-    return bounds is not None and bounds.lower == bounds.upper
 
 
 def install_layer_forwards(module: nn.Module, outlined: Outline) -> None:
