@@ -6,7 +6,9 @@ reports ``sm_90``, the CUDA launchers run on ``meta`` tensors with their CUDA
 heuristics, and every launch is compiled with ``warmup=True``. Here it runs a
 representative subset (~20 s); ``benchmarks/sm90_static.py`` runs the full matrix and
 writes ``benchmarks/results/kernels_sm90_static.json``. Triton 3.6 (the GPU machine's
-version) is checked too when it can be installed into a cache directory.
+version) is checked too when it is in its cache directory, or is installed there when
+``ATTNRES_GATE_TRITON36=1`` (a download and ~90 s of cold compiles: more than the CI
+budget holds, so CI runs the installed Triton only and the benchmark covers 3.6).
 
 The rest are fast unit tests of what the gate relies on: launch heuristics (no
 one-token tiles), the alignment check behind ``VEC``, the PTX/ptxas parsers and the
@@ -14,6 +16,8 @@ traffic model.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -50,9 +54,13 @@ def test_gate_installed_triton(tmp_path):
 
 def test_gate_triton36(tmp_path):
     """The GPU machine's Triton: the shapes it miscompiled with one-token tiles now compile cleanly."""
-    found = SC.triton_target_dir()
+    install = os.environ.get("ATTNRES_GATE_TRITON36", "") not in ("", "0")
+    found = SC.triton_target_dir(install=install)
     if found is None:
-        pytest.skip(f"Triton {SC.TRITON36} could not be installed into the cache directory (no network?)")
+        pytest.skip(
+            f"Triton {SC.TRITON36} is not installed for the gate"
+            + (" and could not be (no network?)" if install else ": set ATTNRES_GATE_TRITON36=1 to install it")
+        )
     report = SC.run_subprocess("ci36", tmp_path / "gate36.json", found, timeout=900)
     assert report["triton"].startswith("3.6"), report["triton"]
     _check_report(report)
