@@ -92,6 +92,17 @@ def test_layers_are_called_as_modules(llama):
     assert seen == [0, 1]
 
 
+def test_a_copy_taken_before_a_capture_runs_the_shared_program(llama):
+    _, converted, inputs = llama
+    with torch.no_grad():
+        want = converted(**inputs).logits
+    clone = copy.deepcopy(converted)  # copies share programs; the layers' overrides come with the program's first run
+    for layer in clone.model.layers:
+        del layer.forward  # as in a copy taken before the program that installs them was captured
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**inputs).logits, want, rtol=0, atol=0)
+
+
 def test_conversion_leaves_the_original_alone_and_refuses_a_second_one(llama):
     model, converted, inputs = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -260,6 +260,8 @@ class ConvertedForward(_ForwardOverride):
                 )
             program = self.capture(call, args, kwargs)
             self.programs.add(kind, program, self.path)
+        # a copy made before the capture shares its program, not its layers' overrides
+        install_layer_forwards(self.module, program)
         self.last = program
         return program, tensors
 
@@ -358,8 +360,12 @@ def _fixed(size: Any, ranges: dict) -> bool:
     return bounds is not None and bounds.lower == bounds.upper
 
 
-def install_layer_forwards(module: nn.Module, outlined: Outline) -> None:
-    """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless)."""
+def install_layer_forwards(module: nn.Module, outlined: Outline | Program) -> None:
+    """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless).
+
+    Checked on every call: deep copies share programs, so a copy made before a program
+    was captured gets its overrides when it first runs that program.
+    """
     for layer_graph in outlined.layers:
         layer = module.get_submodule(layer_graph.path)
         if not isinstance(vars(layer).get("forward"), LayerForward):
