@@ -343,6 +343,17 @@ def test_scan_model_recaptures_per_length_and_says_which_axis_is_static():
     assert any("0 axis 1 = 5" in axis for axis in captured[0].static_axes)
 
 
+def test_a_capture_on_a_view_admits_plain_tensors_later():
+    torch.manual_seed(0)
+    model, _ = samples.get("llama", layers=2, dropout=0.0)
+    ids = torch.randint(0, 97, (4, 16))
+    converted = ar.convert(model, (ids[:2, :8],), mode="exact")  # the example is a view of a larger tensor
+    with torch.no_grad():
+        for x in (torch.randint(0, 97, (3, 9)), ids[1:3]):  # a plain tensor (no base), a view of another shape
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(programs(converted)[""]) == 1
+
+
 def test_keyword_example_landing_in_kwargs_keeps_dynamic_axes():
     torch.manual_seed(0)
     model = samples.get("llama", layers=2, dropout=0.0)[0]
