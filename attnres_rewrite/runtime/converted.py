@@ -45,6 +45,7 @@ from ..passes.outline import Outline, layer_paths, outline
 from ..passes.plan import ConversionPlan, plan_mismatch
 from ..passes.rewrite import AttnResParameters, rewrite
 from .caches import hand_back_caches
+from .distributed import innermost, meta_stand_ins, tensor_states, training_flags, unwrapped_layers
 from .program import LayerProgram, Program
 
 __all__ = ["ConvertedForward", "LayerForward", "ProgramCache", "tracing", "install", "owners", "is_converted"]
@@ -209,9 +210,9 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
 
 def state_key(module: nn.Module, attnres: nn.Module) -> tuple:
     """What of the module's state a trace bakes in: train/eval flags, and the dtypes and devices of its tensors."""
-    training = tuple(m.training for m in module.modules())
+    training = training_flags(module)  # checkpoint wrappers around layers add modules, not state
     tensors = itertools.chain(module.parameters(), module.buffers(), attnres.parameters())
-    return training, frozenset((t.dtype, t.device) for t in tensors)
+    return training, tensor_states(module, tensors)  # a sharded parameter counts as what it computes in
 
 
 class ConvertedForward(_ForwardOverride):
@@ -268,12 +269,19 @@ class ConvertedForward(_ForwardOverride):
     def capture(self, call: CallInputs, args: tuple, kwargs: dict) -> Program:
         """Trace this call, check the streams against the plan, rewrite, outline and compile."""
         started = time.perf_counter()
-        with tracing(self.module):
-            try:
-                captured = capture_call(self.module, args, kwargs, trace_depth=self.attnres.trace_depth)
-            except AttnResError as exc:
-                raise type(exc)(f"could not capture {self._where(call)}: {exc}") from exc
-        gm = captured.take_module()
+        depth = self.attnres.trace_depth
+        # a sharded owner is traced on meta stand-ins, wrapped layers unwrapped (runtime.distributed)
+        with meta_stand_ins(self.module, args, kwargs, depth) as stand_ins, unwrapped_layers(self.module):
+            if stand_ins is not None:
+                args, kwargs, depth = stand_ins.args, stand_ins.kwargs, stand_ins.trace_depth
+            with tracing(self.module):
+                try:
+                    captured = capture_call(self.module, args, kwargs, trace_depth=depth)
+                except AttnResError as exc:
+                    raise type(exc)(f"could not capture {self._where(call)}: {exc}") from exc
+            gm = captured.take_module()
+            if stand_ins is not None:
+                stand_ins.finish(gm, self.module)
         prefix_module_paths(gm, self.path)
         return self.build(captured, gm, detect(gm), started)
 
@@ -363,11 +371,13 @@ def _fixed(size: Any, ranges: dict) -> bool:
 def install_layer_forwards(module: nn.Module, outlined: Outline | Program) -> None:
     """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless).
 
-    Checked on every call: deep copies share programs, so a copy made before a program
-    was captured gets its overrides when it first runs that program.
+    A layer under wrappers (``checkpoint_wrapper``) gets it on the innermost module: the
+    program calls the wrapper, which calls the layer. Checked on every call: deep copies
+    share programs, so a copy made before a program was captured (and the copy sharded
+    or wrapped since) gets its overrides when it first runs that program.
     """
     for layer_graph in outlined.layers:
-        layer = module.get_submodule(layer_graph.path)
+        layer = innermost(module.get_submodule(layer_graph.path))  # under checkpoint_wrapper & co: the wrapped layer
         if not isinstance(vars(layer).get("forward"), LayerForward):
             layer.forward = LayerForward(layer)
 
