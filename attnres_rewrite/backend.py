@@ -2,15 +2,23 @@
 
 ``torch.compile(model, backend="attnres")`` finds this module through the
 ``torch_dynamo_backends`` entry point, so no import of ``attnres_rewrite`` is needed
-first. The backend runs :func:`attnres_rewrite.passes.lower.lower_two_phase` on the
-Dynamo graph (before AOTAutograd, so the backward is derived from the two-phase ops'
-own autograd) and hands the result to Inductor with the caller's ``mode`` / options.
-Graphs without AttnRes calls go to Inductor untouched.
+first. The backend lowers the ``block_attnres`` calls of the Dynamo graph (before
+AOTAutograd, so the backward is derived from what the lowering emits) and hands the
+result to Inductor with the caller's ``mode`` / options. Graphs without AttnRes calls
+go to Inductor untouched. The lowering is chosen per device:
+
+* CUDA: :func:`~.passes.lower.lower_two_phase`, the two-phase schedule (one
+  ``block_phase1`` per block over the shared completed blocks, Triton kernels);
+* CPU: :func:`~.passes.lower.decompose`, plain ATen ops that Inductor fuses with
+  their neighbours. The custom ops are opaque to Inductor, and on CPU an opaque call
+  per sublayer (even the fused C++ kernel) loses to what Inductor generates.
 
 Options of our own (``options={...}`` of ``torch.compile``; removed before Inductor
 sees the rest):
 
-* ``two_phase`` (bool, default True): apply the two-phase schedule;
+* ``lowering`` (``"auto"``, default; ``"two_phase"``, ``"decompose"`` or ``"single"``,
+  which leaves the calls as they are): override the per-device choice;
+* ``two_phase`` (bool, default True): ``False`` is ``lowering="single"``;
 * ``report_hook`` (callable): receives a :class:`~.passes.lower.LoweringReport` per
   compiled graph, after Inductor has compiled it (tests and debugging).
 """
@@ -24,11 +32,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from .passes.lower import LoweringReport, count_ops, lower_two_phase
+from .passes.lower import LoweringReport, count_ops, decompose, lower_two_phase
 
 log = logging.getLogger("attnres_rewrite")
 
-OUR_OPTIONS = ("two_phase", "report_hook")
+OUR_OPTIONS = ("two_phase", "lowering", "report_hook")
+LOWERINGS = ("auto", "two_phase", "decompose", "single")
 
 _state = {"seen_attnres": False, "warned": False}
 
@@ -75,6 +84,26 @@ def _recording_inner_compile(report: LoweringReport) -> Callable:
     return inner
 
 
+def graph_device(gm: fx.GraphModule, example_inputs: list) -> str:
+    """``"cuda"`` when any input of the graph lives on a CUDA device, else ``"cpu"``."""
+    values = list(example_inputs)
+    values += [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in values):
+        return "cuda"
+    return "cpu"
+
+
+def choose_lowering(lowering: str, two_phase: bool, device: str) -> str:
+    """The lowering a graph on ``device`` gets (see the module doc)."""
+    if lowering not in LOWERINGS:
+        raise ValueError(f"attnres backend: lowering must be one of {LOWERINGS}, got {lowering!r}")
+    if not two_phase:
+        return "single"
+    if lowering != "auto":
+        return lowering
+    return "two_phase" if device == "cuda" else "decompose"
+
+
 def attnres_backend(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -83,25 +112,32 @@ def attnres_backend(
     options: dict[str, Any] | None = None,
     dynamic: bool | None = None,
     two_phase: bool = True,
+    lowering: str = "auto",
     report_hook: Callable[[LoweringReport], None] | None = None,
 ):
-    """Dynamo backend: two-phase lowering of AttnRes calls, then Inductor.
+    """Dynamo backend: lowering of AttnRes calls (per device), then Inductor.
 
     ``mode`` and the Inductor part of ``options`` are passed through exactly as
     ``torch.compile(backend="inductor", mode=..., options=...)`` would apply them.
     """
     ours, inductor_options = _split_options(options)
     two_phase = bool(ours.get("two_phase", two_phase))
+    lowering = choose_lowering(ours.get("lowering", lowering), two_phase, graph_device(gm, example_inputs))
     report_hook = ours.get("report_hook", report_hook)
     config = _inductor_config(mode, inductor_options, dynamic)
 
-    report = lower_two_phase(gm, two_phase=two_phase)
+    report = decompose(gm) if lowering == "decompose" else lower_two_phase(gm, two_phase=lowering == "two_phase")
     report.inductor_config = config
     if report.attnres_nodes:
         _state["seen_attnres"] = True
     else:
         _warn_unconverted_once()
-    log.debug("attnres backend: %d AttnRes calls, %d blocks lowered", report.attnres_nodes, report.phase1_calls)
+    log.debug(
+        "attnres backend: %d AttnRes calls, lowering %s, %d blocks two-phase",
+        report.attnres_nodes,
+        lowering,
+        report.phase1_calls,
+    )
 
     from torch._inductor.compile_fx import compile_fx
 
@@ -119,6 +155,7 @@ def compile(
     model: torch.nn.Module,
     *,
     two_phase: bool = True,
+    lowering: str = "auto",
     mode: str | None = None,
     options: dict[str, Any] | None = None,
     fullgraph: bool = False,
@@ -132,7 +169,7 @@ def compile(
     so ``fullgraph=True`` holds; ``torch.compile(converted, backend="attnres")`` works
     too, with one graph break where the converted module picks its program.
     """
-    opts = {**(options or {}), "two_phase": two_phase}
+    opts = {"lowering": lowering, **(options or {}), "two_phase": two_phase}
 
     def backend(gm, example_inputs):
         return attnres_backend(gm, example_inputs, mode=mode, options=opts, dynamic=dynamic)

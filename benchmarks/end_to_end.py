@@ -1,12 +1,18 @@
 """End-to-end cost of Block AttnRes under torch.compile, written to benchmarks/results/end_to_end.json.
 
-For a Llama-style decoder (``samples.llama``) at a few sizes, three variants:
+For a Llama-style decoder (``samples.llama``) at a few sizes, the variants:
 
 * ``original_inductor``: the unconverted model, ``torch.compile`` (Inductor);
 * ``converted_inductor``: the converted model, ``torch.compile`` (Inductor; one
-  ``block_attnres`` kernel call per sublayer);
-* ``converted_attnres``: the converted model, ``backend="attnres"`` (two-phase
-  schedule, then Inductor).
+  opaque ``block_attnres`` kernel call per sublayer);
+* ``converted_attnres``: the converted model, ``backend="attnres"`` (per device: the
+  two-phase schedule on CUDA, the ATen decomposition on CPU; then Inductor);
+* ``original_eager`` / ``converted_eager``: both models without compiling (the eager
+  cost of the op: on CPU its fused C++ kernel).
+
+``--variants`` picks some; ``overhead_vs_original`` compares each converted variant
+with the original of the same kind (compiled with ``original_inductor``, eager with
+``original_eager``).
 
 Measured per variant: forward latency under ``no_grad`` and training-step time
 (forward, loss, backward, SGD step), as medians; training memory peak. On CUDA the
@@ -42,7 +48,7 @@ import attnres_rewrite  # noqa: E402
 import samples  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "end_to_end.json"
-VARIANTS = ("original_inductor", "converted_inductor", "converted_attnres")
+VARIANTS = ("original_inductor", "converted_inductor", "converted_attnres", "original_eager", "converted_eager")
 
 
 def _sync(device: str) -> None:
@@ -98,6 +104,10 @@ def _models(dim: int, layers: int, seq: int, batch: int, num_blocks: int, device
 
 
 def _compiled(variant: str, model, converted):
+    if variant == "original_eager":
+        return model, model
+    if variant == "converted_eager":
+        return converted, converted
     if variant == "original_inductor":
         return model, torch.compile(model)
     if variant == "converted_inductor":
@@ -141,9 +151,13 @@ def _measure_interleaved(runners: dict, device: str, rounds: int, iters: int) ->
 
 
 def _overheads(row: dict) -> dict:
-    base = row["original_inductor"]
     out = {}
-    for variant in ("converted_inductor", "converted_attnres"):
+    pairs = [("converted_inductor", "original_inductor"), ("converted_attnres", "original_inductor")]
+    pairs.append(("converted_eager", "original_eager"))
+    for variant, original in pairs:
+        if variant not in row or original not in row:
+            continue
+        base = row[original]
         for key in ("forward_ms", "train_step_ms", "train_peak_bytes"):
             if base.get(key) and row[variant].get(key) is not None:
                 out[f"{variant}.{key}"] = round(row[variant][key] / base[key] - 1.0, 4)
@@ -159,7 +173,7 @@ def run_size(dim, layers, seq, args) -> dict:
     row.update(num_blocks=num_blocks, block_size=args.block_size)
     torch._dynamo.reset()
     runners = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         runners[variant] = _Runner(*_compiled(variant, model, converted), ids)
         row[variant] = {"compile_and_warm_up_s": round(runners[variant].warm_up(), 2)}
         print(f"  compiled {variant} in {row[variant]['compile_and_warm_up_s']} s", flush=True)
@@ -187,7 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
 
     # Before any compile: Inductor bakes the OpenMP thread count into its C++ kernels, and
     # spinning OpenMP threads on a shared, oversubscribed host cost 10-50x in latency.

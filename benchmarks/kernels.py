@@ -31,12 +31,14 @@ Usage::
     python benchmarks/kernels.py --device cuda         # GPU: the issue's full grid, bf16
     python benchmarks/kernels.py --tokens 4096 --dims 2048 --sources 9 --no-compile
     python benchmarks/kernels.py --table benchmarks/results/kernels_cpu.json   # README tables
+    python benchmarks/kernels.py --cpu-vs-sum          # CPU: the op vs an in-place sum of its sources
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -264,6 +266,78 @@ def bench_two_phase(t: int, d: int, k: int, dtype: torch.dtype, device: str, arg
     return row
 
 
+def _cpu_vs_sum_row(t: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
+    from attnres_rewrite.kernels import cpu_kernels as C
+
+    srcs = [torch.randn(t, d, dtype=dtype) for _ in range(k)]
+    q, g = torch.randn(d) / d**0.5, torch.ones(d)
+    go = torch.randn(t, d, dtype=dtype)
+    accum = torch.empty(t, d, dtype=dtype)
+
+    def inplace_sum():
+        accum.copy_(srcs[0])
+        for x in srcs[1:]:
+            accum.add_(x)
+
+    fns = {
+        "inplace_sum": inplace_sum,
+        "fused_fwd": lambda: C.attnres_forward(srcs, q, g, EPS, 1.0),
+        "torch_fwd": lambda: K.attnres_forward(srcs, q, g, EPS, 1.0),
+        "fused_bwd": lambda: C.attnres_backward(go, srcs, q, g, EPS, 1.0),
+        "torch_bwd": lambda: K.attnres_backward(go, srcs, q, g, EPS, 1.0),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            for _ in range(args.iters):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    best = {name: min(v) for name, v in samples.items()}
+    row = {"tokens": t, "d": d, "sources": k}
+    row.update({f"{n}_ms": round(v, 4) for n, v in ms.items()})
+    row.update({f"{n}_min_ms": round(v, 4) for n, v in best.items()})
+    # On a shared host the minimum is the least disturbed run: the ratios use it
+    # (the medians are kept next to them).
+    for name in ("fused_fwd", "torch_fwd", "fused_bwd", "torch_bwd"):
+        row[f"{name}_over_sum"] = round(best[name] / best["inplace_sum"], 3)
+        row[f"{name}_over_sum_median"] = round(ms[name] / ms["inplace_sum"], 3)
+    return row
+
+
+def bench_cpu_vs_sum(args) -> dict:
+    """CPU: ``block_attnres`` (fused C++ kernel and the PyTorch kernel) against an in-place sum.
+
+    The in-place sum of the K sources (``acc.copy_(v_0); acc.add_(v_i)...``) is the floor
+    of any aggregation: one read of each source and the accumulator's traffic. Medians
+    over rounds that interleave the variants, so load drift on a shared host hits all
+    alike. Forward and forward + backward (hand-written backward of each kernel).
+    """
+    from attnres_rewrite.kernels import cpu_kernels as C
+
+    rows = []
+    dtype = getattr(torch, args.dtype or "float32")
+    for d in args.dims or [256, 1024]:
+        for k in args.sources or [3, 5, 9]:
+            rows.append(_cpu_vs_sum_row((args.tokens or [1024])[0], d, k, dtype, args))
+            print(rows[-1], file=sys.stderr, flush=True)
+    return {
+        "benchmark": "block_attnres on CPU vs an in-place sum of its sources (benchmarks/kernels.py --cpu-vs-sum)",
+        "device_name": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "fused_kernel_available": C.available(),
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -277,7 +351,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-two-phase", action="store_true")
     ap.add_argument("--out", type=Path, help="output JSON (default benchmarks/results/kernels_<device>.json)")
     ap.add_argument("--table", type=Path, help="print the markdown tables of an existing result JSON and exit")
+    ap.add_argument("--cpu-vs-sum", action="store_true", help="CPU: the op against an in-place sum of its sources")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--cpu-vs-sum)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for --cpu-vs-sum (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.cpu_vs_sum:
+        # One thread by default: spinning OpenMP threads on a shared, oversubscribed host
+        # cost 10-100x in latency (the torch ops and the fused kernel use the same count).
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        args.iters = args.iters or 10
+        report = bench_cpu_vs_sum(args)
+        out = args.out or RESULTS / "kernels_cpu_vs_sum.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+        return report
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
         return {}

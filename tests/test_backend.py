@@ -71,6 +71,8 @@ def _assert_matches_eager(model, inputs, compiled):
 
 
 def _compile(model, reports, **kwargs):
+    """The two-phase lowering unless told otherwise: the CUDA schedule, checked here on any device."""
+    kwargs.setdefault("lowering", "two_phase")
     return attnres_rewrite.compile(model, options={"report_hook": reports.append}, **kwargs)
 
 
@@ -97,6 +99,21 @@ def test_llama_sample_training_two_lengths_one_compile():
     # 4 sublayers in 2 blocks of 2; the stream output joins the last block's phase 1.
     assert reports[0].groups == [(1, 2), (2, 3)]
     _assert_schedule(reports[0], blocks=2)
+
+
+def test_cpu_default_decomposes_for_inductor():
+    """``lowering="auto"`` on CPU: AttnRes written out in ATen ops, no opaque op left for Inductor."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU choice of the auto lowering")
+    samples = pytest.importorskip("samples")
+    model, inputs = samples.get("llama", layers=2, dropout=0.0)
+    converted, inputs = _converted(model, inputs, num_blocks=2)
+    reports = []
+    _assert_matches_eager(converted, inputs, _compile(converted, reports, lowering="auto"))
+    (report,) = reports
+    assert report.lowering == "decompose" and report.decomposed == report.attnres_nodes == 5
+    graphs = dict(report.aot_graphs)
+    assert not any(name.startswith("block_") for counts in graphs.values() for name in counts), graphs
 
 
 def test_vit_sample_training():
@@ -179,11 +196,24 @@ def test_our_options_are_split_from_inductor_options():
     """``two_phase`` / ``report_hook`` never reach Inductor; unknown Inductor options fail early."""
     from attnres_rewrite.backend import _inductor_config, _split_options
 
-    ours, inductor = _split_options({"two_phase": False, "report_hook": print, "epilogue_fusion": False})
-    assert ours == {"two_phase": False, "report_hook": print}
+    ours, inductor = _split_options(
+        {"two_phase": False, "lowering": "auto", "report_hook": print, "epilogue_fusion": False}
+    )
+    assert ours == {"two_phase": False, "lowering": "auto", "report_hook": print}
     assert _inductor_config("max-autotune-no-cudagraphs", inductor, None) == {
         **_inductor_config("max-autotune-no-cudagraphs", {}, None),
         "epilogue_fusion": False,
     }
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):
         _inductor_config(None, {"not_an_inductor_option": 1}, None)
+
+
+def test_lowering_choice_per_device():
+    from attnres_rewrite.backend import choose_lowering
+
+    assert choose_lowering("auto", True, "cuda") == "two_phase"
+    assert choose_lowering("auto", True, "cpu") == "decompose"
+    assert choose_lowering("two_phase", True, "cpu") == "two_phase"
+    assert choose_lowering("auto", False, "cuda") == "single"
+    with pytest.raises(ValueError, match="lowering must be one of"):
+        choose_lowering("fast", True, "cpu")

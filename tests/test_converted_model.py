@@ -528,3 +528,20 @@ def test_hugging_face_gradient_checkpointing_recomputes_each_layer_with_equal_gr
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_move_to_cuda_captures_there(llama):
+    model, converted, inputs = llama
+    on_gpu, reference = copy.deepcopy(converted).to("cuda"), copy.deepcopy(model).to("cuda")
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    with torch.no_grad():
+        got = on_gpu(**cuda_inputs).logits
+        want = reference(**cuda_inputs).logits
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    kw = dict(attention_mask=cuda_inputs["attention_mask"], max_new_tokens=4, do_sample=False)
+    assert torch.equal(
+        on_gpu.generate(cuda_inputs["input_ids"], **kw), reference.generate(cuda_inputs["input_ids"], **kw)
+    )

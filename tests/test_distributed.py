@@ -184,15 +184,21 @@ def test_meta_device_constants_are_retargeted_in_every_graph():
 def test_wrapped_layers_are_found_and_do_not_change_the_state_key():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from attnres_rewrite.runtime.distributed import innermost, training_flags, unwrapped_layers
+    from attnres_rewrite.runtime.converted import state_key
+    from attnres_rewrite.runtime.distributed import innermost, state_modules, unwrapped_layers
 
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
-    flags = training_flags(model)
+    attnres = torch.nn.Module()
+    key = state_key(state_modules(model, attnres))
     inner = model.layers[1]
     model.layers[1] = checkpoint_wrapper(inner)
     assert innermost(model.layers[1]) is inner and innermost(inner) is inner
-    assert training_flags(model) == flags
+    listed = state_modules(model, attnres)
+    assert model.layers[1] not in listed and inner in listed and attnres in listed
+    assert state_key(state_modules(model, attnres)) == key
+    inner.eval()  # the wrapped layer's own state still counts
+    assert state_key(state_modules(model, attnres)) != key
     with unwrapped_layers(model):
         assert model.layers[1] is inner
     assert innermost(model.layers[1]) is inner and model.layers[1] is not inner

@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import attnres_rewrite  # noqa: F401  (registers torch.ops.attnres)
-from attnres_rewrite.passes.lower import count_ops, lower_two_phase
+from attnres_rewrite.passes.lower import count_ops, decompose, lower_two_phase
 from attnres_rewrite.reference import block_partition, mode_scale
 
 
@@ -65,19 +65,24 @@ class ToyStream(nn.Module):
 class Recorder:
     """Dynamo backend: run the pass, then AOTAutograd with recording pass-through compilers."""
 
-    def __init__(self, two_phase=True):
-        self.two_phase = two_phase
-        self.reports, self.graphs = [], []
+    def __init__(self, two_phase=True, lowering="two_phase"):
+        self.two_phase, self.lowering = two_phase, lowering
+        self.reports, self.graphs, self.targets = [], [], {}
 
     def _record(self, kind):
         def compiler(gm, example_inputs):
             self.graphs.append((kind, count_ops(gm)))
+            calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+            self.targets[kind] = [(str(n.target), getattr(n.meta.get("val"), "ndim", None)) for n in calls]
             return make_boxed_func(gm.forward)
 
         return compiler
 
     def __call__(self, gm, example_inputs):
-        self.reports.append(lower_two_phase(gm, two_phase=self.two_phase))
+        if self.lowering == "decompose":
+            self.reports.append(decompose(gm))
+        else:
+            self.reports.append(lower_two_phase(gm, two_phase=self.two_phase))
         aot = aot_autograd(fw_compiler=self._record("forward"), bw_compiler=self._record("backward"))
         return aot(gm, example_inputs)
 
@@ -121,6 +126,13 @@ def test_one_phase1_per_block_and_exact(layers, num_blocks, groups):
     assert fw.get("block_attnres", 0) == 0 and fw["block_phase1"] == len(groups)
     assert bw["block_phase1_backward"] == len(groups)
     assert "block_attnres_backward" not in bw
+    # No autograd glue around phase 1's o: per-query selects would make the backward
+    # zero-fill an (S, tokens, d) gradient per query and add them up; unbind stacks once.
+    # (Row selects of the (L + 1, d) query/gain parameters remain: 2-D and tiny.)
+    backward = rec.targets["backward"]
+    glue = [(t, nd) for t, nd in backward if ("select_backward" in t or "select_scatter" in t) and nd != 2]
+    assert not glue, glue
+    assert sum("aten.stack" in t for t, _ in backward) == 3 * len(groups)
 
 
 def test_exact_mode_scales_survive_the_lowering():
@@ -177,3 +189,13 @@ def test_graph_without_metadata_is_left_alone():
     report = lower_two_phase(gm)
     assert report.attnres_nodes == 7 and report.phase1_calls == 0 and report.left_alone == 7
     assert count_ops(gm) == {"block_attnres": 7}
+
+
+def test_decompose_is_exact_and_leaves_no_attnres_op():
+    """The CPU lowering: every call written out in ATen ops; AOTAutograd differentiates them."""
+    model, rec = ToyStream(6, 3, mode="exact"), Recorder(lowering="decompose")
+    _check_against_eager(model, rec)
+    (report,) = rec.reports
+    assert report.lowering == "decompose" and report.decomposed == report.attnres_nodes == 7
+    assert count_ops(report.graph_module) == {}
+    assert all(counts == {} for _, counts in rec.graphs), rec.graphs

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..reference import acc
+from . import cpu_kernels as C
 from . import torch_kernels as K
 from .checks import check_aggregate, check_phase1, check_phase2
 
@@ -31,6 +32,8 @@ from .checks import check_aggregate, check_phase1, check_phase2
 def block_attnres(sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float) -> Tensor:
     """``scale * sum_i softmax_i(query . RMSNorm_gain(v_i)) v_i`` over the feature (last) axis."""
     check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
+    if C.supports(sources, query, key_gain):  # fused CPU kernel: one read per source
+        return C.attnres_forward(sources, query, key_gain, eps, scale)
     return K.attnres_forward(sources, query, key_gain, eps, scale)
 
 
@@ -44,6 +47,8 @@ def _(sources, query, key_gain, eps, scale):
 def block_attnres_backward(
     grad_out: Tensor, sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
+    if C.supports(sources, grad_out, query, key_gain):
+        return C.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
     return K.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
 
 

@@ -6,9 +6,16 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
 * **Sources are never concatenated.** Every kernel takes a *pointer table*: an int64
   tensor of ``data_ptr()`` values, loaded in the kernel and cast with
   ``tl.pointer_type``. A rewrite keeps its L sources as separate tensors; stacking them
-  would cost a full extra read and write of all of them per aggregation.
-* **Fused forward** (``block_attnres`` and ``block_phase1`` when ``S_pad * next_pow2(d)``
-  fits a register tile, 8192 fp32 values): one program per tile of tokens holds the
+  would cost a full extra read and write of all of them per aggregation. A pointer cast
+  from the table carries no alignment, so Triton would read it one element at a time:
+  when every source (and gradient) is 16-byte aligned and ``d * itemsize % 16 == 0``
+  the launcher passes ``VEC = 16 / itemsize`` and the kernels assert it
+  (``tl.multiple_of``), which makes every source load and gradient store a 16-byte
+  vector; otherwise (a view with a storage offset) ``VEC = 1``, the scalar kernel.
+* **Token tiles have at least two tokens** (``MIN_BT``), T = 1 included (padded and
+  masked): Triton 3.6 miscompiles the fused forward for a one-token tile.
+* **Fused forward** (``block_attnres`` and ``block_phase1`` when ``S_pad * 2 * next_pow2(d)``
+  fits a register tile, 16384 fp32 values): one program per tile of tokens holds the
   whole feature row of each source in registers, computes its fp32 RMS, the S logits,
   and updates S online-softmax accumulators; every source is read exactly once and
   the output is written once.
@@ -41,11 +48,14 @@ Design (see ``docs/architecture.md`` for the op contract; notation as in
   routed to the PyTorch kernels (the contract promises fp64 statistics for them,
   used by gradcheck; the Triton kernels are fp32 machines).
 * Launch configuration comes from shape heuristics (:func:`_fused_config`,
-  :func:`_chunk_config`); under ``TRITON_INTERPRET=1`` larger token tiles are used so
-  that tests run few (slow) interpreted program instances.
+  :func:`_chunk_config`, :func:`_p2_config`), sized by the sm_90 static gate
+  (:mod:`.static_check`: no spills, vector traffic, on Triton 3.6 and 3.9); under
+  ``TRITON_INTERPRET=1`` larger token tiles are used so that tests run few (slow)
+  interpreted program instances.
 
-The launchers accept CPU tensors, so the tests run them under ``TRITON_INTERPRET=1``.
-Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
+The launchers accept CPU tensors, so the tests run them under ``TRITON_INTERPRET=1``,
+and ``meta`` tensors under :class:`compile_only` (the gate compiles what they would
+launch). Compatible with Triton 3.6-3.9: plain pointer arithmetic, no block pointers.
 """
 
 from __future__ import annotations
@@ -62,11 +72,18 @@ from torch import Tensor
 from . import torch_kernels as K
 from .checks import check_aggregate, check_phase1, check_phase2
 
-FUSED_MAX_ELEMS = 8192  # fp32 accumulator values per program in the fused forward
-CHUNK_ELEMS = 4096  # elements of a [S_pad, BT, BD] tile in the split kernels
+FUSED_MAX_ELEMS = 16384  # fp32 accumulator values per program in the fused forward (at the minimum tile)
+FUSED_GROW_ELEMS = 8192  # the fused token tile grows while the accumulator stays within this
+CHUNK_ELEMS = 8192  # elements of a [S_pad, BT, BD] tile in the split kernels
+CHUNK_MAX_BT = 32  # token tile of the split kernels (u is re-read once per tile and source)
+# Every token tile has at least two tokens: Triton 3.6 miscompiles the fused forward for a
+# one-token tile (32 registers, 10-75 KB of spills, each thread reducing the whole row,
+# minutes of compile time); a two-token tile (T = 1 padded and masked) compiles cleanly.
+MIN_BT = 2
 # Under TRITON_INTERPRET=1 each program instance costs milliseconds per op, so token
 # tiles grow to this many tokens (tests lower it to exercise multi-program grids).
 INTERPRET_MAX_BT = 256
+H100_SMS = 132  # streaming multiprocessors assumed by compile-only runs (sm_90)
 
 
 # ``tl.sum`` is itself a @jit function; under TRITON_INTERPRET=1 every nested jit call
@@ -82,8 +99,48 @@ if _sum_combine is None:  # pragma: no cover - depends on the installed Triton
         return a + b
 
 
+# --------------------------------------------------------------------------------------
+# Where the kernels go: launched (CUDA, or the interpreter on CPU), or only compiled
+#
+# ``compile_only(record)`` (used by :mod:`.static_check`, the sm_90 gate) makes every
+# launcher hand its launches to ``record(kernel, grid, args, meta)`` instead of running
+# them, with CUDA launch heuristics (token tiles, SM count) whatever the tensors' device.
+# The launchers then accept ``meta`` tensors, so the gate sizes real shapes (T = 16K,
+# d = 7168) without allocating them.
+
+_COMPILE_ONLY: dict = {}
+
+
+class compile_only:  # noqa: N801  (a context manager used like a function)
+    """Context: launches go to ``record`` (not run); heuristics are those of a ``num_sms`` GPU."""
+
+    def __init__(self, record, num_sms: int = H100_SMS):
+        self.state = {"record": record, "num_sms": num_sms}
+
+    def __enter__(self):
+        _COMPILE_ONLY.update(self.state)
+        return self
+
+    def __exit__(self, *exc):
+        _COMPILE_ONLY.clear()
+
+
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    record = _COMPILE_ONLY.get("record")
+    if record is not None:
+        record(kernel, grid, args, meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def _interpret() -> bool:
+    if _COMPILE_ONLY:
+        return False
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" or bool(_COMPILE_ONLY)
 
 
 def _pow2(n: int) -> int:
@@ -102,6 +159,8 @@ def _warps(elems: int) -> int:
 
 
 def _num_sms(device: torch.device) -> int:
+    if _COMPILE_ONLY:
+        return _COMPILE_ONLY["num_sms"]
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
@@ -110,63 +169,100 @@ def _num_sms(device: torch.device) -> int:
 def _fused_config(s_pad: int, d: int, t: int) -> tuple[int, int, int] | None:
     """(BT, BD, num_warps) for the fused forward, or None when a row does not fit.
 
-    A program holds ``S_pad * BT * BD`` fp32 accumulators plus one ``BT x BD`` source tile;
-    ``FUSED_MAX_ELEMS`` keeps that within ~32-64 registers per thread at 8-16 warps. The
-    token tile grows while the accumulator stays within budget (fewer, fatter programs for
-    small d keep the loads wide); under the interpreter it grows further to cut the
-    number of program instances.
+    A program holds ``S_pad * BT * BD`` fp32 accumulators plus one ``BT x BD`` source
+    tile. The tile has at least ``MIN_BT`` tokens, so a row fits when
+    ``S_pad * MIN_BT * BD <= FUSED_MAX_ELEMS`` (every d <= 8192 for one query); the
+    token tile then grows while the accumulator stays within ``FUSED_GROW_ELEMS``
+    (fewer, fatter programs for small d); under the interpreter it grows further to cut
+    the number of program instances.
     """
     bd = _pow2(d)
-    if s_pad * bd > FUSED_MAX_ELEMS:
+    if s_pad * MIN_BT * bd > FUSED_MAX_ELEMS:
         return None
-    budget = (1 << 18) if _interpret() else FUSED_MAX_ELEMS
-    bt = 1
+    budget = (1 << 18) if _interpret() else FUSED_GROW_ELEMS
     cap = INTERPRET_MAX_BT if _interpret() else 16
+    bt = MIN_BT
     while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
         bt *= 2
     return bt, bd, _warps(s_pad * bt * bd)
 
 
-def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None) -> tuple[int, int, int]:
-    """(BT, BD, num_warps) for the split kernels: d-chunks of up to 512 (or ``block_d``)."""
-    bd = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
-    budget = (1 << 18) if _interpret() else CHUNK_ELEMS
-    bt = 1
-    cap = INTERPRET_MAX_BT if _interpret() else 32
-    while bt * 2 <= min(_pow2(t), cap) and s_pad * bt * 2 * bd <= budget:
-        bt *= 2
-    while s_pad * bt * bd > budget and bd > 16:
-        bd //= 2
+def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None, budget: int = CHUNK_ELEMS) -> tuple[int, int, int]:
+    """(BT, BD, num_warps) for the split kernels: token tiles first, then d-chunks up to 512.
+
+    The stats kernel reads a ``[S, BD]`` chunk of ``u`` (fp32) per source and token tile,
+    i.e. ``2 S / BT`` bytes of ``u`` per byte of a 16-bit source: the token tile is made
+    as large as ``CHUNK_MAX_BT`` (so at S = 8, u costs half a source read, from L1/L2)
+    and the d-chunk shrinks to keep the ``[S_pad, BT, BD]`` tile within ``budget``
+    (``CHUNK_ELEMS``; half of it for the backward stats kernel, which also holds a
+    ``grad_out`` tile: the sm_90 gate found it spilling at the full budget).
+    """
+    if _interpret():
+        bd = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
+        bt = MIN_BT
+        while bt * 2 <= min(_pow2(t), INTERPRET_MAX_BT) and s_pad * bt * 2 * bd <= (1 << 18):
+            bt *= 2
+        while s_pad * bt * bd > (1 << 18) and bd > 16:
+            bd //= 2
+        return bt, bd, _warps(s_pad * bt * bd)
+    bt = min(max(_pow2(t), MIN_BT), CHUNK_MAX_BT)
+    cap = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
+    bd = max(min(32, cap), min(cap, budget // (s_pad * bt)))  # BD = 16 tiles spilled (sm_90 gate)
+    while s_pad * bt * bd > budget and bt > MIN_BT:
+        bt //= 2
     return bt, bd, _warps(s_pad * bt * bd)
 
 
-_PTR_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
+def _vec(tensors: Sequence[Tensor], d: int) -> int:
+    """Elements per 16-byte vector when every tensor and every row is 16-byte aligned, else 1.
+
+    The kernels read sources (and write their gradients) through pointers cast from an
+    int64 table, which carry no alignment: with ``VEC > 1`` they assert 16-byte
+    alignment (``tl.multiple_of``) and ``d % VEC == 0``, and the loads become 16-byte
+    vectors. A view with a storage offset can be misaligned; it gets the scalar kernel.
+    """
+    item = tensors[0].element_size()
+    if (d * item) % 16 or any(x.data_ptr() % 16 for x in tensors):
+        return 1
+    return 16 // item
+
+
+_PTR_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 _PTR_TABLES_MAX = 4096
+# Tables built while a CUDA graph was being captured: the graph replays their host-to-
+# device copy from the pinned host buffer, so that buffer must outlive every replay.
+_CAPTURED_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _ptr_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """int64 tensor of data pointers (read in the kernel, cast with ``tl.pointer_type``).
 
     On CUDA the table is cached by its content (the pointer values themselves, so a hit
-    can never be stale): a training loop meets the same addresses step after step (the
-    caching allocator reuses blocks), and a miss is a pinned, non-blocking copy, so the
-    host never waits for the GPU to drain before a launch. A table also stays valid
-    inside a CUDA graph captured after it was built.
+    can never be stale): a training loop or a decode loop meets the same addresses step
+    after step (the caching allocator reuses blocks), so a hit costs one tuple and one
+    dict lookup on the host and nothing on the GPU. A miss is a pinned, non-blocking
+    copy (the host never waits for the GPU to drain before a launch); the pinned host
+    buffer is kept with the device table, never freed while the entry lives. A miss
+    during CUDA-graph capture records that copy in the graph, which replays it from the
+    host buffer: such entries are never evicted, so the buffer outlives the graph.
     """
     ptrs = tuple(x.data_ptr() for x in tensors)
     if device.type != "cuda":
         return torch.tensor(ptrs, dtype=torch.int64, device=device)
     key = (device.index, ptrs)
-    table = _PTR_TABLES.get(key)
-    if table is None:
+    entry = _PTR_TABLES.get(key) or _CAPTURED_TABLES.get(key)
+    if entry is None:
         host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
-        table = host.to(device, non_blocking=True)
-        _PTR_TABLES[key] = table
-        if len(_PTR_TABLES) > _PTR_TABLES_MAX:
-            _PTR_TABLES.popitem(last=False)
-    else:
+        entry = (host, host.to(device, non_blocking=True))
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED_TABLES[key] = entry
+        else:
+            _PTR_TABLES[key] = entry
+            if len(_PTR_TABLES) > _PTR_TABLES_MAX:
+                _PTR_TABLES.popitem(last=False)
+    elif key in _PTR_TABLES:
         _PTR_TABLES.move_to_end(key)
-    return table
+    return entry[1]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -181,7 +277,8 @@ def _flat(x: Tensor) -> Tensor:
 def _fused_fwd_kernel(
     tab,
     first,
-    U,
+    Q,
+    Gk,
     out,
     m_out,
     l_out,
@@ -195,12 +292,16 @@ def _fused_fwd_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     PHASE1: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """One token tile, whole rows in registers: each source read once, output written once.
 
     ``PHASE1``: write the unnormalised ``o`` (fp32) and ``m, l`` for S queries; otherwise
-    write ``scale * o / l`` in the output's dtype (S = 1).
+    write ``scale * o / l`` in the output's dtype (S = 1). ``u = Q * Gk`` is formed here
+    (one launch per call: what a decode step pays for).
     """
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     t64 = t.to(tl.int64)
@@ -211,12 +312,18 @@ def _fused_fwd_kernel(
     smask = s < S
     offs = t64[:, None] * D + dd[None, :]
     mask2 = tmask[:, None] & dmask[None, :]
-    u = tl.load(U + s[:, None] * D + dd[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    u_off = s[:, None] * D + dd[None, :]
+    u_mask = smask[:, None] & dmask[None, :]
+    u = tl.load(Q + u_off, mask=u_mask, other=0.0).to(tl.float32) * tl.load(Gk + u_off, mask=u_mask, other=0.0).to(
+        tl.float32
+    )
     m = tl.full([S_PAD, BT], float("-inf"), tl.float32)
     l = tl.zeros([S_PAD, BT], tl.float32)
     acc = tl.zeros([S_PAD, BT, BD], tl.float32)
     for i in range(num_src):
         src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        if VEC > 1:
+            src = tl.multiple_of(src, 16)
         v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.reduce(v * v, 1, _sum_combine) / D + eps)
         z = tl.reduce(v[None, :, :] * u[:, None, :], 2, _sum_combine) * r[None, :]
@@ -262,6 +369,7 @@ def _stats_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
     MODE: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per-token statistics over all sources, streamed in d-chunks; writes coefficients.
 
@@ -275,6 +383,8 @@ def _stats_kernel(
     kernel never reads ``out`` or ``o``. Phase 1's max term (``grad_m - grad_o.o -
     grad_l l``) goes to the first source attaining the recomputed maximum.
     """
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     t64 = t.to(tl.int64)
@@ -290,6 +400,8 @@ def _stats_kernel(
     amax = tl.zeros([S_PAD, BT], tl.int32)
     for i in range(num_src):
         src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        if VEC > 1:
+            src = tl.multiple_of(src, 16)
         ss = tl.zeros([BT], tl.float32)
         du = tl.zeros([S_PAD, BT], tl.float32)
         dg = tl.zeros([S_PAD, BT], tl.float32)
@@ -376,8 +488,11 @@ def _apply_fwd_kernel(
     S_PAD: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """``out[s, t, chunk] = sum_i W[i, s, t] v_i[t, chunk]`` on a (token tile, d-chunk) grid."""
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     t64 = t.to(tl.int64)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -393,6 +508,8 @@ def _apply_fwd_kernel(
     acc = tl.zeros([S_PAD, BT, BD], tl.float32)
     for i in range(num_src):
         src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+        if VEC > 1:
+            src = tl.multiple_of(src, 16)
         v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
         w = tl.load(W + i * KST + st, mask=stmask, other=0.0)
         acc += w[:, :, None] * v[None, :, :]
@@ -422,12 +539,15 @@ def _apply_bwd_kernel(
     S_PAD: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Source gradients from per-token coefficients, plus a partial ``grad u`` per program.
 
     Grid (token groups, d-chunks); a program visits token tiles ``g, g + NG, ...`` so that
     its ``[S, d-chunk]`` partial sum of ``grad u`` stays in registers and is written once.
     """
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
     g = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     s = tl.arange(0, S_PAD)
@@ -450,7 +570,11 @@ def _apply_bwd_kernel(
         gc = gc.to(tl.float32)
         for i in range(num_src):
             src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)
             dst = tl.load(gtab + i).to(tl.pointer_type(gfirst.dtype.element_ty))
+            if VEC > 1:
+                dst = tl.multiple_of(dst, 16)
             v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
             cg = tl.load(CG + i * KST + st, mask=stmask, other=0.0)
             cu = tl.load(CU + i * KST + st, mask=stmask, other=0.0)
@@ -464,6 +588,92 @@ def _apply_bwd_kernel(
             gu += tl.reduce(cu[:, :, None] * v[None, :, :], 1, _sum_combine)
     p_off = (g * S + s[:, None]).to(tl.int64) * D + dd[None, :]
     tl.store(partial + p_off, gu, mask=smask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _fused_bwd_kernel(
+    tab,
+    first,
+    gtab,
+    gfirst,
+    Q,
+    Gk,
+    G,
+    partial,
+    num_src,
+    T,
+    D,
+    num_tiles,
+    NG,
+    eps,
+    scale,
+    K_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """``block_attnres`` backward in one kernel, whole rows in registers (rows up to 4096).
+
+    Per token tile: the first loop reads each source row once for its RMS, logit and
+    ``grad_out . v_i`` (kept as ``[K_PAD, BT]`` register tables), the softmax and the
+    fp32 ``grad_out . h`` follow, and the second loop re-reads each row right away (from
+    L1/L2: the tile of all sources was just read) to write its gradient. So each source
+    crosses the memory bus once per backward while the ``K x BT x d`` tiles of the
+    programs in flight fit in L2; no scratch, no second launch. Program ``g`` visits tiles
+    ``g, g + NG, ...`` and keeps its ``grad u`` partial sum in registers (written once).
+    """
+    if VEC > 1:  # the launcher checked D % VEC == 0; say so, so row offsets and masks vectorise
+        D = D // VEC * VEC
+    g = tl.program_id(0)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    u = tl.load(Q + dd, mask=dmask, other=0.0).to(tl.float32) * tl.load(Gk + dd, mask=dmask, other=0.0).to(tl.float32)
+    kk = tl.arange(0, K_PAD)
+    kvalid = kk < num_src
+    gu = tl.zeros([BD], tl.float32)
+    for tile in range(g, num_tiles, NG):
+        t = tile * BT + tl.arange(0, BT)
+        t64 = t.to(tl.int64)
+        tmask = t < T
+        offs = t64[:, None] * D + dd[None, :]
+        mask2 = tmask[:, None] & dmask[None, :]
+        go = tl.load(G + offs, mask=mask2, other=0.0).to(tl.float32)
+        zs = tl.zeros([K_PAD, BT], tl.float32)
+        rs = tl.zeros([K_PAD, BT], tl.float32)
+        dgs = tl.zeros([K_PAD, BT], tl.float32)
+        for i in range(num_src):
+            src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)
+            v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.reduce(v * v, 1, _sum_combine) / D + eps)
+            sel = kk[:, None] == i
+            zs = tl.where(sel, (tl.reduce(v * u[None, :], 1, _sum_combine) * r)[None, :], zs)
+            rs = tl.where(sel, r[None, :], rs)
+            dgs = tl.where(sel, tl.reduce(go * v, 1, _sum_combine)[None, :], dgs)
+        peak = tl.max(tl.where(kvalid[:, None], zs, float("-inf")), 0)
+        p = tl.where(kvalid[:, None], tl.exp(zs - peak[None, :]), 0.0)
+        alpha = p / tl.reduce(p, 0, _sum_combine)[None, :]
+        go_h = scale * tl.reduce(alpha * dgs, 0, _sum_combine)  # fp32 grad_out . h from the dots
+        gz = alpha * (scale * dgs - go_h[None, :])
+        cgs = scale * alpha
+        cus = gz * rs
+        cvs = -gz * zs * rs * rs / D
+        for i in range(num_src):
+            src = tl.load(tab + i).to(tl.pointer_type(first.dtype.element_ty))
+            dst = tl.load(gtab + i).to(tl.pointer_type(gfirst.dtype.element_ty))
+            if VEC > 1:
+                src = tl.multiple_of(src, 16)
+                dst = tl.multiple_of(dst, 16)
+            v = tl.load(src + offs, mask=mask2, other=0.0).to(tl.float32)
+            sel = kk[:, None] == i
+            cg = tl.reduce(tl.where(sel, cgs, 0.0), 0, _sum_combine)
+            cu = tl.reduce(tl.where(sel, cus, 0.0), 0, _sum_combine)
+            cv = tl.reduce(tl.where(sel, cvs, 0.0), 0, _sum_combine)
+            gv = cg[:, None] * go + cu[:, None] * u[None, :] + cv[:, None] * v
+            tl.store(dst + offs, gv.to(gfirst.dtype.element_ty), mask=mask2)
+            gu += tl.reduce(cu[:, None] * v, 0, _sum_combine)
+    tl.store(partial + g.to(tl.int64) * D + dd, gu, mask=dmask)
 
 
 @triton.jit
@@ -662,14 +872,15 @@ def _u(query: Tensor, key_gain: Tensor) -> Tensor:
 
 def _groups(num_tiles: int, chunks: int, device: torch.device) -> int:
     """Token groups for the deterministic two-stage reduction: ~4 programs per SM in total."""
-    if device.type != "cuda":
+    if not _on_gpu(device):
         return max(1, min(num_tiles, 4))
     return max(1, min(num_tiles, triton.cdiv(4 * _num_sms(device), chunks)))
 
 
 def _forward(
     sources: Sequence[Tensor],
-    u: Tensor,
+    queries: Tensor,
+    gains: Tensor,
     eps: float,
     scale: float,
     phase1: bool,
@@ -680,10 +891,9 @@ def _forward(
     first = srcs[0]
     d = first.shape[-1]
     t = first.numel() // max(d, 1)
-    s = u.shape[0]
+    s = queries.shape[0]
     s_pad = _pow2(s)
     dev = first.device
-    tab = _ptr_table(srcs, dev)
     if phase1:
         out = torch.empty((s, *first.shape), dtype=torch.float32, device=dev)
         m = torch.empty((s, *first.shape[:-1]), dtype=torch.float32, device=dev)
@@ -697,13 +907,18 @@ def _forward(
             m.fill_(float("-inf") if d == 0 else 0.0)
             l.fill_(float(len(srcs)))
         return (out, m, l) if phase1 else out
+    tab = _ptr_table(srcs, dev)
+    vec = _vec(srcs, d)
     cfg = _fused_config(s_pad, d, t) if fused is not False and block_d is None else None
     if cfg is not None:
         bt, bd, nw = cfg
-        _fused_fwd_kernel[(triton.cdiv(t, bt),)](
+        _launch(
+            _fused_fwd_kernel,
+            (triton.cdiv(t, bt),),
             tab,
             first,
-            u,
+            _flat(queries),
+            _flat(gains),
             out,
             m,
             l,
@@ -717,18 +932,22 @@ def _forward(
             BT=bt,
             BD=bd,
             PHASE1=phase1,
+            VEC=vec,
             num_warps=nw,
         )
     else:
         bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+        u = _u(queries, gains)
         z = torch.empty((len(srcs), s, t), dtype=torch.float32, device=dev)
-        _stats_kernel[(triton.cdiv(t, bt),)](
+        _launch(
+            _stats_kernel, (triton.cdiv(t, bt),),
             tab, first, u, u, m, l, m, l, z, z, z, len(srcs), t, d, s, eps, scale,
-            S_PAD=s_pad, BT=bt, BD=bd, MODE=1 if phase1 else 0, num_warps=nw,
+            S_PAD=s_pad, BT=bt, BD=bd, MODE=1 if phase1 else 0, VEC=vec, num_warps=nw,
         )  # fmt: skip
-        _apply_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
-            tab, first, z, out, len(srcs), t, d, s, S_PAD=s_pad, BT=bt, BD=bd, num_warps=nw
-        )
+        _launch(
+            _apply_fwd_kernel, (triton.cdiv(t, bt), triton.cdiv(d, bd)),
+            tab, first, z, out, len(srcs), t, d, s, S_PAD=s_pad, BT=bt, BD=bd, VEC=vec, num_warps=nw,
+        )  # fmt: skip
     return (out, m, l) if phase1 else out
 
 
@@ -758,25 +977,75 @@ def _backward(
         for x in grads:
             x.zero_()
         return grads, torch.zeros_like(u)
-    bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+    bt, bd, nw = _chunk_config(s_pad, d, t, block_d, CHUNK_ELEMS // 2)
+    # ptxas gives a 256-thread kernel 128 registers before it spills; the unvectorised
+    # (VEC = 1) phase-1 backward stats kernel needs a little more (sm_90 gate): 4 warps.
+    nw = min(nw, 4)
     k = len(srcs)
     z = torch.empty((k, s, t), dtype=torch.float32, device=dev)
     dg = torch.empty_like(z)
     r = torch.empty((k, t), dtype=torch.float32, device=dev)
     dummy = z
-    _stats_kernel[(triton.cdiv(t, bt),)](
-        _ptr_table(srcs, dev), first, u, grads_in,
+    tab = _ptr_table(srcs, dev)
+    vec = min(_vec(srcs, d), _vec(grads, d))
+    _launch(
+        _stats_kernel, (triton.cdiv(t, bt),),
+        tab, first, u, grads_in,
         dummy if m is None else m, dummy if l is None else l,
         dummy if gm is None else gm, dummy if gl is None else gl,
-        z, dg, r, k, t, d, s, eps, scale, S_PAD=s_pad, BT=bt, BD=bd, MODE=mode, num_warps=nw,
+        z, dg, r, k, t, d, s, eps, scale, S_PAD=s_pad, BT=bt, BD=bd, MODE=mode, VEC=vec, num_warps=nw,
     )  # fmt: skip
+    bt, bd, nw = _chunk_config(s_pad, d, t, block_d)  # the apply kernel has its own tiles
     num_tiles = triton.cdiv(t, bt)
     chunks = triton.cdiv(d, bd)
     ng = _groups(num_tiles, chunks, dev)
     partial = torch.empty((ng, s, d), dtype=torch.float32, device=dev)
-    _apply_bwd_kernel[(ng, chunks)](
-        _ptr_table(srcs, dev), first, _ptr_table(grads, dev), grads[0], u, grads_in, z, dg, r, partial,
-        k, t, d, s, num_tiles, ng, S_PAD=s_pad, BT=bt, BD=bd, num_warps=nw,
+    _launch(
+        _apply_bwd_kernel, (ng, chunks),
+        tab, first, _ptr_table(grads, dev), grads[0], u, grads_in, z, dg, r, partial,
+        k, t, d, s, num_tiles, ng, S_PAD=s_pad, BT=bt, BD=bd, VEC=vec, num_warps=nw,
+    )  # fmt: skip
+    return grads, partial.sum(dim=0)
+
+
+FUSED_BWD_MAX_D = 4096  # widest row the fused backward holds in registers (grad_out, v, u, grad u)
+
+
+def _fused_bwd_config(d: int, t: int) -> tuple[int, int, int] | None:
+    """(BT, BD, num_warps) of the fused backward, or None beyond ``FUSED_BWD_MAX_D``."""
+    bd = _pow2(d)
+    if bd > FUSED_BWD_MAX_D:
+        return None
+    cap = INTERPRET_MAX_BT if _interpret() else 8
+    budget = (1 << 18) if _interpret() else 4096
+    bt = MIN_BT
+    while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
+        bt *= 2
+    # at least 4 warps: Triton 3.6 spilled the 2-warp d = 64 variant (sm_90 gate)
+    return bt, bd, max(4, _warps(2 * bt * bd))
+
+
+def _fused_backward(grad_out: Tensor, sources, query: Tensor, key_gain: Tensor, eps: float, scale: float):
+    """Single-read backward of ``block_attnres`` (``grads, grad u``), or None when the row is too wide."""
+    srcs = [_flat(x) for x in sources]
+    first = srcs[0]
+    d = first.shape[-1]
+    t = first.numel() // max(d, 1)
+    cfg = _fused_bwd_config(d, t)
+    if cfg is None or t == 0 or d == 0:
+        return None
+    bt, bd, nw = cfg
+    dev = first.device
+    grads = [torch.empty_like(x) for x in srcs]
+    num_tiles = triton.cdiv(t, bt)
+    ng = _groups(num_tiles, 1, dev)
+    partial = torch.empty((ng, d), dtype=torch.float32, device=dev)
+    vec = min(_vec(srcs, d), _vec(grads, d))
+    _launch(
+        _fused_bwd_kernel, (ng,),
+        _ptr_table(srcs, dev), first, _ptr_table(grads, dev), grads[0], _flat(query), _flat(key_gain), grad_out,
+        partial, len(srcs), t, d, num_tiles, ng, eps, scale,
+        K_PAD=_pow2(len(srcs)), BT=bt, BD=bd, VEC=vec, num_warps=nw,
     )  # fmt: skip
     return grads, partial.sum(dim=0)
 
@@ -797,7 +1066,7 @@ def attnres_forward(
     """Triton ``block_attnres``; ``block_d``/``fused=False`` force the split path (tests)."""
     if sources[0].dtype == torch.float64:
         return K.attnres_forward(sources, query, key_gain, eps, scale)
-    return _forward(sources, _u(query, key_gain)[None], eps, scale, False, block_d, fused)
+    return _forward(sources, query[None], key_gain[None], eps, scale, False, block_d, fused)
 
 
 def attnres_backward(
@@ -813,10 +1082,14 @@ def attnres_backward(
     """Triton ``block_attnres_backward`` (recomputes the logits; two reads of each source)."""
     if sources[0].dtype == torch.float64:
         return K.attnres_backward(grad_out, sources, query, key_gain, eps, scale)
-    grads, gu = _backward(
-        _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
-    )
-    gu = gu[0]
+    fused = _fused_backward(_flat(grad_out), sources, query, key_gain, eps, scale) if block_d is None else None
+    if fused is not None:
+        grads, gu = fused
+    else:
+        grads, gu = _backward(
+            _flat(grad_out), sources, _u(query, key_gain)[None], eps, scale, 2, None, None, None, None, block_d
+        )
+        gu = gu[0]
     return grads, (gu * key_gain.float()).to(query.dtype), (gu * query.float()).to(key_gain.dtype)
 
 
@@ -832,7 +1105,7 @@ def phase1_forward(
     """Triton ``block_phase1``: S queries over the shared sources, one launch."""
     if sources[0].dtype == torch.float64:
         return K.phase1_forward(sources, queries, key_gains, eps)
-    return _forward(sources, _u(queries, key_gains), eps, 1.0, True, block_d, fused)
+    return _forward(sources, queries, key_gains, eps, 1.0, True, block_d, fused)
 
 
 def phase1_backward(
@@ -859,8 +1132,14 @@ def phase1_backward(
     return grads, (gu * key_gains.float()).to(queries.dtype), (gu * queries.float()).to(key_gains.dtype)
 
 
-def _p2_config(d: int, t: int, block_d: int | None) -> tuple[int, int, bool, int]:
-    if block_d is None and _pow2(d) <= FUSED_MAX_ELEMS:
+def _p2_config(d: int, t: int, block_d: int | None, backward: bool = False) -> tuple[int, int, bool, int]:
+    """(BT, BD, ONE_CHUNK, num_warps) of the phase-2 kernels.
+
+    The row is held in registers (``ONE_CHUNK``) up to 8192 features in the forward and
+    4096 in the backward, which holds four row tiles (the sm_90 gate found it spilling
+    at 8192); beyond, d-chunks of 1024.
+    """
+    if block_d is None and _pow2(d) <= (4096 if backward else 8192):
         bd = _pow2(d)
         one = True
     else:
@@ -868,10 +1147,12 @@ def _p2_config(d: int, t: int, block_d: int | None) -> tuple[int, int, bool, int
         one = bd >= d
     budget = (1 << 18) if _interpret() else 4096
     cap = INTERPRET_MAX_BT if _interpret() else 16
-    bt = 1
+    bt = MIN_BT
     while bt * 2 <= min(_pow2(t), cap) and bt * 2 * bd <= budget:
         bt *= 2
-    return bt, bd, one, _warps(bt * bd)
+    # the backward holds four row tiles (grad_out, o, partial, u): twice the warps, or
+    # (sm_90 gate) the unvectorised d = 127 variant ran out of its 255 registers
+    return bt, bd, one, _warps(bt * bd * (2 if backward else 1))
 
 
 def phase2_forward(
@@ -898,7 +1179,8 @@ def phase2_forward(
         return out
     p = _flat(partial) if partial is not None else o
     bt, bd, one, nw = _p2_config(d, t, block_d)
-    _phase2_fwd_kernel[(triton.cdiv(t, bt),)](
+    _launch(
+        _phase2_fwd_kernel, (triton.cdiv(t, bt),),
         o, m, l, p, _u(query, key_gain), out, t, d, eps, scale,
         HAS_P=partial is not None, ONE_CHUNK=one, BT=bt, BD=bd, num_warps=nw,
     )  # fmt: skip
@@ -931,11 +1213,12 @@ def phase2_backward(
     if t == 0 or d == 0:
         z = torch.zeros_like(query)
         return g_o.zero_(), g_m.zero_(), g_l.zero_(), g_p.zero_(), z, torch.zeros_like(key_gain)
-    bt, bd, one, nw = _p2_config(d, t, block_d)
+    bt, bd, one, nw = _p2_config(d, t, block_d, backward=True)
     num_tiles = triton.cdiv(t, bt)
     ng = _groups(num_tiles, 1, o.device)
     part = torch.zeros((ng, d), dtype=torch.float32, device=o.device)
-    _phase2_bwd_kernel[(ng,)](
+    _launch(
+        _phase2_bwd_kernel, (ng,),
         go, o, m, l, p, _u(query, key_gain), g_o, g_m, g_l, g_p, part, t, d, num_tiles, ng, eps, scale,
         ONE_CHUNK=one, BT=bt, BD=bd, num_warps=nw,
     )  # fmt: skip

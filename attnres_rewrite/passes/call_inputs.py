@@ -215,7 +215,14 @@ def _register_state(cls: type) -> None:
 
 
 def _holds_tensors(value: Any) -> bool:
-    return any(isinstance(x, Tensor) for x in pytree.tree_leaves(value))
+    """Tensors, or cache objects (even empty ones: their structure, not their identity, is what counts)."""
+    if isinstance(value, Tensor) or type(value) in _REGISTERED:
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    return False
 
 
 _FROZEN = object()  # marks a container turned into a hashable tuple

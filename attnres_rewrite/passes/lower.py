@@ -39,6 +39,7 @@ import torch
 from torch import fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.attnres.*)
+from ..reference import acc
 
 _ARG_NAMES = ("sources", "query", "key_gain", "eps", "scale")
 
@@ -130,6 +131,8 @@ class LoweringReport:
     groups: list[tuple[int, int]] = field(default_factory=list)  # (completed sources, sublayers) per block
     left_alone: int = 0
     two_phase: bool = True
+    lowering: str = "two_phase"  # or "decompose" (CPU default), "single" (calls left as they are)
+    decomposed: int = 0
     graph_module: fx.GraphModule | None = None
     inductor_config: dict = field(default_factory=dict)
     aot_graphs: list[tuple[str, dict[str, int]]] = field(default_factory=list)
@@ -260,8 +263,12 @@ def _lower_group(graph: fx.Graph, group: BlockGroup, order: dict) -> bool:
         graph, point, torch.ops.attnres.block_phase1.default, (list(group.completed), queries, gains, group.eps)
     )
     o, m, l = (_emit(graph, point, operator.getitem, (stats, k)) for k in range(3))
+    # One ``unbind`` per statistic, not a ``select`` per query: the backward of S selects
+    # zero-fills a full (S, tokens, d) fp32 gradient S times and adds them up (S - 1
+    # more passes), where unbind's backward stacks the S slices once.
+    rows = [_emit(graph, point, torch.ops.aten.unbind.int, (t, 0)) for t in (o, m, l)]
     for s, (call, dtype) in enumerate(zip(calls, dtypes)):
-        o_s, m_s, l_s = (_emit(graph, call.node, torch.ops.aten.select.int, (t, 0, s)) for t in (o, m, l))
+        o_s, m_s, l_s = (_emit(graph, call.node, operator.getitem, (r, s)) for r in rows)
         args = (o_s, m_s, l_s, group.partial_of(call), call.query, call.key_gain, group.eps, call.scale, dtype)
         merged = _emit(graph, call.node, torch.ops.attnres.block_phase2.default, args)
         call.node.replace_all_uses_with(merged)
@@ -278,6 +285,46 @@ def _out_dtype(call: _Call) -> torch.dtype | None:
     return None
 
 
+# --------------------------------------------------------------------------------------
+# CPU: a decomposition Inductor can fuse
+
+
+def attnres_decomposed(
+    sources: list[torch.Tensor], query: torch.Tensor, key_gain: torch.Tensor, eps: float, scale: float
+):
+    """``block_attnres`` in plain differentiable ATen ops (fp32 statistics; fp64 for fp64), for Inductor.
+
+    On CPU the custom op is opaque to Inductor (an external call per sublayer, never
+    fused with its neighbours); written out, Inductor fuses the K RMS/logit reductions
+    into one loop over the sources and the weighted sum into its consumer, and
+    AOTAutograd derives the backward (fp32, so ``grad_out . h`` stays exact in fp32).
+    The same math as :func:`attnres_rewrite.reference.attnres`.
+    """
+    u = acc(query) * acc(key_gain)
+    logits = []
+    for v in sources:
+        vf = acc(v)
+        logits.append((vf * u).sum(-1) * torch.rsqrt(vf.square().mean(-1) + eps))
+    alpha = torch.softmax(torch.stack(logits), dim=0) * scale
+    out = alpha[0].unsqueeze(-1) * acc(sources[0])
+    for i in range(1, len(sources)):
+        out = out + alpha[i].unsqueeze(-1) * acc(sources[i])
+    return out.to(sources[0].dtype)
+
+
+def decompose(gm: fx.GraphModule) -> LoweringReport:
+    """Replace every ``block_attnres`` call by :func:`attnres_decomposed` (in place)."""
+    nodes = [n for n in gm.graph.nodes if is_block_attnres(n)]
+    report = LoweringReport(attnres_nodes=len(nodes), two_phase=False, graph_module=gm, lowering="decompose")
+    for node in nodes:
+        node.target = attnres_decomposed
+    report.decomposed = len(nodes)
+    if nodes:
+        gm.graph.lint()
+        gm.recompile()
+    return report
+
+
 def lower_two_phase(gm: fx.GraphModule, two_phase: bool = True, min_group: int = 2) -> LoweringReport:
     """Apply the two-phase schedule to ``gm`` in place and report what was done.
 
@@ -285,7 +332,9 @@ def lower_two_phase(gm: fx.GraphModule, two_phase: bool = True, min_group: int =
     AttnRes calls), so the backend can compare both schedules on one model.
     """
     nodes = [n for n in gm.graph.nodes if is_block_attnres(n)]
-    report = LoweringReport(attnres_nodes=len(nodes), two_phase=two_phase, graph_module=gm)
+    report = LoweringReport(
+        attnres_nodes=len(nodes), two_phase=two_phase, graph_module=gm, lowering="two_phase" if two_phase else "single"
+    )
     calls = [c for c in map(_Call.parse, nodes) if c is not None]
     if not two_phase or not calls:
         report.left_alone = len(nodes)

@@ -45,7 +45,14 @@ from ..passes.outline import Outline, layer_paths, outline
 from ..passes.plan import ConversionPlan, plan_mismatch
 from ..passes.rewrite import AttnResParameters, rewrite
 from .caches import hand_back_caches
-from .distributed import innermost, meta_stand_ins, tensor_states, training_flags, unwrapped_layers
+from .distributed import (
+    innermost,
+    is_distributed_tensor,
+    meta_stand_ins,
+    sharded_states,
+    state_modules,
+    unwrapped_layers,
+)
 from .program import LayerProgram, Program
 
 __all__ = ["ConvertedForward", "LayerForward", "ProgramCache", "tracing", "install", "owners", "is_converted"]
@@ -208,11 +215,46 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
     return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
 
 
-def state_key(module: nn.Module, attnres: nn.Module) -> tuple:
-    """What of the module's state a trace bakes in: train/eval flags, and the dtypes and devices of its tensors."""
-    training = training_flags(module)  # checkpoint wrappers around layers add modules, not state
-    tensors = itertools.chain(module.parameters(), module.buffers(), attnres.parameters())
-    return training, tensor_states(module, tensors)  # a sharded parameter counts as what it computes in
+_PLAIN = (Tensor, nn.Parameter)  # exact types of tensors that are no subclass (a fast path)
+_STRUCTURE = [0]  # bumped whenever any module registers a submodule (see _watch_structure)
+
+
+def _watch_structure() -> None:
+    """Count submodule registrations, so a converted module re-lists its submodules only when they change.
+
+    A global module-registration hook, installed once, on first conversion: it makes
+    the per-call state key a pass over a cached list instead of a walk of the module tree.
+    """
+    if _STRUCTURE[0] == 0:
+        _STRUCTURE[0] = 1
+
+        def bump(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+            _STRUCTURE[0] += 1
+
+        torch.nn.modules.module.register_module_module_registration_hook(bump)
+
+
+def state_key(modules: list[nn.Module]) -> tuple:
+    """What of the modules' state a trace bakes in: train/eval flags, and the dtypes and devices of their tensors.
+
+    Read on every call: each tensor's dtype and device index, no ``torch.device`` built.
+    ``modules`` come from :func:`~.distributed.state_modules` (wrappers around layers left
+    out); a parameter FSDP2 holds sharded counts as the dtype and device it is gathered in.
+    """
+    training = tuple(m.training for m in modules)
+    kinds = set()
+    sharded = []
+    for m in modules:
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is None:
+                continue
+            if type(t) not in _PLAIN and is_distributed_tensor(t):
+                sharded.append(t)  # FSDP2's DTensor: keyed by what it computes in (runtime.distributed)
+            else:
+                kinds.add((t.dtype, t.device.type if t.is_meta else t.get_device()))
+    if sharded:
+        kinds |= sharded_states(modules, sharded)
+    return training, frozenset(kinds)
 
 
 class ConvertedForward(_ForwardOverride):
@@ -224,6 +266,16 @@ class ConvertedForward(_ForwardOverride):
         self.attnres = attnres
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
+        self._modules: tuple[int, list[nn.Module]] = (0, [])  # (structure version, submodules and attnres)
+        _watch_structure()
+
+    def modules(self) -> list[nn.Module]:
+        """The module's submodules and the AttnRes module, listed again only after a module registration."""
+        version, listed = self._modules
+        if version != _STRUCTURE[0] or not listed:
+            listed = state_modules(self.module, self.attnres)  # checkpoint wrappers left out
+            self._modules = (_STRUCTURE[0], listed)
+        return listed
 
     def __deepcopy__(self, memo: dict) -> ConvertedForward:
         new = type(self).__new__(type(self))
@@ -233,10 +285,15 @@ class ConvertedForward(_ForwardOverride):
         new.attnres = copy.deepcopy(self.attnres, memo)
         new.programs = self.programs  # programs read the module they run on: a copy can share them
         new.last = None
+        new._modules = (0, [])
         return new
 
     def __getstate__(self) -> dict:
-        return {**vars(self), "programs": ProgramCache(), "last": None}
+        return {**vars(self), "programs": ProgramCache(), "last": None, "_modules": (0, [])}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        _watch_structure()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _TRACING[0]:
@@ -249,7 +306,7 @@ class ConvertedForward(_ForwardOverride):
     def program_for(self, args: tuple, kwargs: dict) -> tuple[Program, tuple[Tensor, ...]]:
         """The program of this call (captured now if none fits) and the call's tensors."""
         call = CallInputs.of(args, kwargs)
-        kind = (call.spec, call.constants(), call.tensor_key(), state_key(self.module, self.attnres))
+        kind = self.kind(call)
         tensors = call.tensors
         program = self.programs.find(kind, tensors)
         if program is None:
@@ -319,10 +376,12 @@ class ConvertedForward(_ForwardOverride):
         """Turn the capture conversion made of this module into its first program (no second trace)."""
         started = time.perf_counter()
         program = self.build(captured, gm, detection, started)
-        inputs = captured.inputs
-        kind = (inputs.spec, inputs.constants(), inputs.tensor_key(), state_key(self.module, self.attnres))
-        self.programs.add(kind, program, self.path)
+        self.programs.add(self.kind(captured.inputs), program, self.path)
         return program
+
+    def kind(self, call: CallInputs) -> tuple:
+        """What a program is keyed by: the call's structure, plain values and tensor metadata, the module's state."""
+        return call.spec, call.constants(), call.tensor_key(), state_key(self.modules())
 
     def _where(self, call: CallInputs) -> str:
         return f"{self.path or type(self.module).__name__} (a call with {call.describe()})"

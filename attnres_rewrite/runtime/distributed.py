@@ -22,8 +22,8 @@ would make that trace wrong, and this module undoes them for the length of a cap
   sits on the innermost module: the program calls the wrapper (which checkpoints,
   offloads, gathers), the wrapper calls the layer, the layer runs its graph.
 
-:func:`tensor_states` keys programs by the dtype and device a tensor *computes* in, so a
-sharded and a gathered parameter (FSDP with ``reshard_after_forward=False`` leaves layers
+:func:`sharded_states` keys programs by the dtype and device a sharded tensor *computes*
+in, so a sharded and a gathered parameter (FSDP with ``reshard_after_forward=False`` leaves layers
 gathered between calls) select the same program.
 """
 
@@ -44,11 +44,12 @@ from ..passes.outline import layer_paths
 __all__ = [
     "WRAPPER_ATTRIBUTES",
     "innermost",
-    "training_flags",
+    "state_modules",
     "unwrapped_layers",
     "is_distributed_tensor",
     "compute_device",
-    "tensor_states",
+    "sharded_states",
+    "device_key",
     "StandIns",
     "meta_stand_ins",
     "retarget_devices",
@@ -80,9 +81,13 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def training_flags(module: nn.Module) -> tuple[bool, ...]:
-    """``training`` of ``module`` and its submodules, wrappers left out (wrapping a layer changes no program)."""
-    return tuple(m.training for m in module.modules() if not _is_wrapper(m))
+def state_modules(module: nn.Module, attnres: nn.Module) -> list[nn.Module]:
+    """The modules whose state keys a converted owner's programs: its submodules and ``attnres``'s, wrappers left out.
+
+    A ``checkpoint_wrapper`` holds no tensor of its own and its ``training`` follows the
+    layer's, so wrapping a layer changes no program's key.
+    """
+    return [m for m in (*module.modules(), *attnres.modules()) if not _is_wrapper(m)]
 
 
 def _is_wrapper(module: nn.Module) -> bool:
@@ -130,14 +135,14 @@ class _Sharding:
     device: torch.device | None
 
 
-def _fsdp_shardings(module: nn.Module) -> dict[int, _Sharding]:
-    """Sharded parameters of the FSDP2 groups at or below ``module``, by ``id``: their compute dtype and device."""
+def _fsdp_shardings(module: nn.Module, *, recurse: bool = True) -> dict[int, _Sharding]:
+    """Sharded parameters of the FSDP2 groups at (and, with ``recurse``, below) ``module``, by ``id``: their compute dtype and device."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch built without distributed
         return {}
     out: dict[int, _Sharding] = {}
-    for sub in module.modules():
+    for sub in module.modules() if recurse else (module,):
         if not isinstance(sub, FSDPModule):
             continue
         state = sub._get_fsdp_state()
@@ -157,26 +162,36 @@ def compute_device(module: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-def tensor_states(module: nn.Module, tensors: Iterable[Tensor]) -> frozenset:
-    """The ``(dtype, device)`` pairs ``tensors`` compute in: a program's key over its module's state.
+def sharded_states(modules: list[nn.Module], tensors: Iterable[Tensor]) -> set[tuple]:
+    """The ``(dtype, device key)`` pairs the sharded ``tensors`` compute in (their FSDP2 groups among ``modules``).
 
-    A plain tensor computes in its own dtype and on its own device. A parameter that
-    FSDP2 holds sharded is gathered before its layer runs, in the policy's
-    ``param_dtype`` (when it casts) and on FSDP's compute device, which is what the
-    pair says; so sharded and gathered states of one model key the same programs.
+    A parameter that FSDP2 holds sharded is gathered before its layer runs, in the
+    policy's ``param_dtype`` (when it casts) and on FSDP's compute device, which is what
+    the pair says; so sharded and gathered states of one model key the same programs.
+    The device key is :func:`device_key`'s, as the state key of plain tensors.
     """
-    tensors = list(tensors)
-    if not any(is_distributed_tensor(t) for t in tensors):
-        return frozenset((t.dtype, t.device) for t in tensors)
-    shardings = _fsdp_shardings(module)
+    shardings: dict[int, _Sharding] = {}
+    for module in modules:
+        shardings.update(_fsdp_shardings(module, recurse=False))
     out = set()
     for t in tensors:
         sharding = shardings.get(id(t))
         if sharding is None:
-            out.add((t.dtype, t.device))
+            out.add((t.dtype, device_key(t.device)))
         else:
-            out.add((sharding.dtype, sharding.device or t.device))
-    return frozenset(out)
+            out.add((sharding.dtype, device_key(sharding.device or t.device)))
+    return out
+
+
+def device_key(device: torch.device) -> int | str:
+    """What a program's key records of a device: ``"meta"``, or the index ``Tensor.get_device`` gives (CPU: -1)."""
+    if device.type == "meta":
+        return "meta"
+    if device.type == "cpu":
+        return -1
+    if device.index is not None:
+        return device.index
+    return torch.empty(0, device=device).get_device()  # the current device of that type
 
 
 @dataclass

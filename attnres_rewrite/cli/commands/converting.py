@@ -22,6 +22,15 @@ from .. import common, output
 PAPER_MODE_HINT = 1e-3  # rel. difference above which paper mode is worth a hint about --mode exact
 
 
+def _static_axes(converted) -> list[str]:
+    """Input axes the captured programs fixed (a new size there costs a new capture), e.g. ``ids axis 1 = 7``."""
+    found = []
+    for owner, programs in common.backend("api").programs(converted).items():
+        for program in programs:
+            found += [f"{owner}: {axis}" if owner else axis for axis in program.static_axes]
+    return sorted(set(found))
+
+
 def run(
     spec: str,
     out: Path,
@@ -51,6 +60,7 @@ def run(
         "check_input_shapes": check["input_shapes"],
         "outputs_finite": check["finite"],
         "notes": list(common.plan_of(converted).notes),
+        "static_axes": _static_axes(converted),
         "adapter": str(out),
         "files": [*common.ADAPTER_FILES, "report.json"],
         "attnres_version": __version__,
@@ -63,6 +73,11 @@ def run(
         if whole_model:  # the whole converted model beside the adapter: attnres_rewrite.load_converted(out)
             report["files"] += common.backend("saving").write_converted(converted, tmp)
         (tmp / "report.json").write_text(json.dumps(output.jsonable(report), indent=2) + "\n")
+    if report["static_axes"]:
+        output.note(
+            f"the model's code fixes input axes ({', '.join(report['static_axes'])}): each other size there is "
+            "captured again on first use (a torch.export trace each)"
+        )
     if options.mode == "paper" and max_rel > PAPER_MODE_HINT:
         output.note(
             f"paper mode changes this model's outputs (max rel. diff {max_rel:.2e}): expected for streams without "
