@@ -53,17 +53,58 @@ def save_converted(converted: nn.Module, directory: str | os.PathLike, *, overwr
 
     Refuses an existing non-empty ``directory`` unless ``overwrite``; then it is replaced
     as a whole, only once the new one is complete.
+
+    A model sharded with FSDP2 (``DTensor`` parameters) is saved whole, as one unsharded
+    model would be: every rank of its mesh calls ``save_converted``, the weights are
+    gathered on global rank 0 (on the CPU) and rank 0 writes the directory; the call
+    returns on every rank once it is written (and raises on every rank if it failed).
     """
-    from .fileio import atomic_directory
+    from .distributed.checkpoint import is_sharded
 
     _check_saveable(converted)
     target = Path(directory)
+    if is_sharded(converted):
+        return _save_gathered(converted, target, overwrite)
+    _write_directory(converted, target, overwrite)
+    return target
+
+
+def _write_directory(converted: nn.Module, target: Path, overwrite: bool, state_dict: dict | None = None) -> None:
+    from .fileio import atomic_directory
+
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise InvalidInputError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     with atomic_directory(target) as tmp:
-        write_converted(converted, tmp)
+        write_converted(converted, tmp, state_dict=state_dict)
+
+
+def _save_gathered(converted: nn.Module, target: Path, overwrite: bool) -> Path:
+    """:func:`save_converted` of a sharded model: gather on global rank 0, which writes; everyone learns the outcome."""
+    import torch.distributed as dist
+
+    from .distributed.checkpoint import full_state_dict
+    from .runtime.distributed import is_distributed_tensor
+
+    mesh = next(t.device_mesh for t in converted.parameters() if is_distributed_tensor(t))
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    if 0 not in dist.get_process_group_ranks(group or dist.group.WORLD):
+        raise InvalidInputError("save_converted of a sharded model writes from global rank 0, which must hold shards")
+    state = full_state_dict(converted)  # collective over the mesh
+    failure: list[str | None] = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            _write_directory(converted, target, overwrite, state_dict=state)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            failure = [f"{type(exc).__name__}: {exc}"]
+            error = exc
+    dist.broadcast_object_list(failure, src=0, group=group)
+    if failure[0] is not None:
+        if error is not None:
+            raise error
+        raise InvalidInputError(f"rank 0 could not write {target}: {failure[0]}")
     return target
 
 
@@ -78,11 +119,12 @@ def _check_saveable(converted: nn.Module) -> None:
         raise InvalidInputError("the model has weights on the meta device; attach real weights before saving it")
 
 
-def write_converted(converted: nn.Module, directory: Path) -> list[str]:
+def write_converted(converted: nn.Module, directory: Path, *, state_dict: dict | None = None) -> list[str]:
     """The files of :func:`save_converted`, written into the existing (staging) ``directory``; returns their names.
 
     For callers that stage a directory of their own (the CLI writes the adapter, the
-    report and the whole model into one).
+    report and the whole model into one). ``state_dict``: the weights to write instead of
+    the model's own (the gathered weights of a sharded model).
     """
     from . import __version__
     from .api import plan_of
@@ -91,11 +133,18 @@ def write_converted(converted: nn.Module, directory: Path) -> list[str]:
     before = set(os.listdir(directory))
     hf = _is_hf(converted)
     if hf:
-        converted.save_pretrained(directory)  # safetensors; config.json carries the plan (set at conversion)
-    else:
+        # safetensors; config.json carries the plan (set at conversion)
+        converted.save_pretrained(directory, **({} if state_dict is None else {"state_dict": state_dict}))
+    elif state_dict is None:
         from safetensors.torch import save_model
 
         save_model(converted, str(directory / _SINGLE), metadata={"format": "pt"})
+    else:
+        from safetensors.torch import save_file
+
+        tied = _tied_names(converted)  # saved once, under the first name, as save_model does
+        weights = {k: v.contiguous() for k, v in state_dict.items() if k not in tied}
+        save_file(weights, str(directory / _SINGLE), metadata={"format": "pt"})
     info = {
         "format": MODEL_FORMAT,
         "versions": {"attnres_rewrite": __version__, "torch": torch.__version__},

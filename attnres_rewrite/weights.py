@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InvalidInputError
+from .runtime.distributed import is_distributed_tensor
 
 __all__ = ["attach_weights"]
 
@@ -42,20 +43,34 @@ def attach_weights(
     have are refused (``strict=False`` ignores them); weights none of whose names match
     are always refused. Every tensor the converted model holds must end up on a real
     device. On any refusal nothing is changed and the error lists what is wrong.
+
+    A model sharded with FSDP2 (converted on ``meta``, then ``fully_shard``) is materialised
+    here: once every tensor it holds on ``meta`` has a value (from ``weights``, or the
+    initial AttnRes values), ``to_empty`` gives it memory on FSDP's compute device (or
+    ``device``) and each rank copies its shard of the weights into FSDP's own sharded
+    parameters (``weights`` are the full tensors, on every rank). Do not call
+    ``to_empty`` first: after it the model's non-persistent buffers (rotary tables) hold
+    garbage that no check can tell from values. Shards of a model already materialised
+    that ``weights`` do not name keep their values (``attnres.*`` shards are set to their
+    initial values).
     """
     from .runtime.converted import is_converted, owners
+    from .runtime.distributed import compute_device
 
     if not isinstance(converted, nn.Module) or not is_converted(converted):
         raise InvalidInputError(
             f"converted must be a model returned by attnres_rewrite.convert, got {type(converted).__name__}"
         )
     source = _named_tensors(weights)
-    target = _target_device(source, device)
     holders = _holders(converted)
+    sharded = any(is_distributed_tensor(t) for t in holders.values())
+    fsdp_device = compute_device(converted) if sharded and device is None else None
+    target = fsdp_device or _target_device(source, device)
     _check_names(source, holders, strict)
     plan = {}  # name -> new tensor, computed in full before anything is assigned
     missing = []
     for name, current in holders.items():
+        empty = _on_meta(current)
         if name in source:
             new = source[name]
             if tuple(new.shape) != tuple(current.shape):
@@ -68,13 +83,19 @@ def attach_weights(
                     "integer and floating-point tensors are not cast into each other"
                 )
             plan[name] = new.to(device=target, dtype=current.dtype)
-        elif current.device.type != "meta":
-            plan[name] = current.to(target)
-        elif name.startswith("attnres.") and name.endswith((".query", ".key_gain")):
+        elif (
+            name.startswith("attnres.")
+            and name.endswith((".query", ".key_gain"))
+            and (empty or is_distributed_tensor(current))
+        ):
             init = torch.zeros if name.endswith(".query") else torch.ones
             plan[name] = init(current.shape, dtype=current.dtype, device=target)
-        else:
+        elif empty:
             missing.append(name)
+        elif is_distributed_tensor(current):
+            continue  # a shard FSDP holds keeps its values
+        else:
+            plan[name] = current.to(target)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise InvalidInputError(
@@ -82,12 +103,20 @@ def attach_weights(
             "non-persistent buffers a state dict leaves out, such as rotary-embedding tables), or a state dict "
             "holding every one of these names"
         )
+    if sharded and any(_on_meta(t) for t in holders.values()):
+        converted.to_empty(device=target)  # FSDP2 materialises its shards; every value is assigned below
+        holders = _holders(converted)
+    paths = _holder_paths(converted)
     shared: dict[int, Tensor] = {}  # tied weights (one Parameter under two names) stay tied
     for name, tensor in plan.items():
         old = holders[name]
+        if is_distributed_tensor(old):  # FSDP keeps its own parameter object: this rank's shard is copied in
+            if id(old) not in shared:
+                shared[id(old)] = _copy_shard(old, tensor)
+            continue
         if id(old) not in shared:
             shared[id(old)] = nn.Parameter(tensor, old.requires_grad) if isinstance(old, nn.Parameter) else tensor
-        _assign(converted, name, shared[id(old)])
+        _assign(converted, paths[name], shared[id(old)])
     for forward in owners(converted).values():
         forward.programs.clear()
     return converted
@@ -139,9 +168,45 @@ def _target_device(source: dict[str, Tensor], device: torch.device | str | None)
     return target
 
 
+#: Path components wrappers insert (checkpoint_wrapper, torch.compile, FSDP1); names are matched without them,
+#: as the wrappers' own state dicts are.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def _canonical(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _holder_paths(gm: nn.Module) -> dict[str, str]:
+    """Canonical name -> the attribute path of every parameter and buffer of ``gm``."""
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    return {_canonical(n): n for n in names}
+
+
 def _holders(gm: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of ``gm`` by name (non-persistent buffers included)."""
-    return {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    """Every parameter and buffer of ``gm`` by canonical name (non-persistent buffers included)."""
+    tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    return {_canonical(n): t for n, t in tensors.items()}
+
+
+def _on_meta(t: Tensor) -> bool:
+    """No values yet: on ``meta`` (for a ``DTensor``, its local shard)."""
+    local = t.to_local() if is_distributed_tensor(t) and hasattr(t, "to_local") else t
+    return local.device.type == "meta"
+
+
+@torch.no_grad()
+def _copy_shard(sharded: Tensor, full: Tensor) -> Tensor:
+    """Copy this rank's part of ``full`` into the ``DTensor`` ``sharded``, in place (every rank holds ``full``)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(sharded, DTensor):
+        raise InvalidInputError(f"cannot attach weights to a {type(sharded).__name__} parameter (only DTensor shards)")
+    local = sharded.to_local()
+    part = distribute_tensor(full.to(local.device), sharded.device_mesh, sharded.placements, src_data_rank=None)
+    local.copy_(part.to_local())
+    return sharded
 
 
 def _assign(gm: nn.Module, name: str, tensor: Tensor) -> None:

@@ -92,6 +92,17 @@ def test_layers_are_called_as_modules(llama):
     assert seen == [0, 1]
 
 
+def test_a_copy_taken_before_a_capture_runs_the_shared_program(llama):
+    _, converted, inputs = llama
+    with torch.no_grad():
+        want = converted(**inputs).logits
+    clone = copy.deepcopy(converted)  # copies share programs; the layers' overrides come with the program's first run
+    for layer in clone.model.layers:
+        del layer.forward  # as in a copy taken before the program that installs them was captured
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**inputs).logits, want, rtol=0, atol=0)
+
+
 def test_conversion_leaves_the_original_alone_and_refuses_a_second_one(llama):
     model, converted, inputs = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -330,6 +341,17 @@ def test_scan_model_recaptures_per_length_and_says_which_axis_is_static():
     captured = programs(converted)[""]
     assert len(captured) == 2  # length 5 and length 8; batch stays dynamic
     assert any("0 axis 1 = 5" in axis for axis in captured[0].static_axes)
+
+
+def test_a_capture_on_a_view_admits_plain_tensors_later():
+    torch.manual_seed(0)
+    model, _ = samples.get("llama", layers=2, dropout=0.0)
+    ids = torch.randint(0, 97, (4, 16))
+    converted = ar.convert(model, (ids[:2, :8],), mode="exact")  # the example is a view of a larger tensor
+    with torch.no_grad():
+        for x in (torch.randint(0, 97, (3, 9)), ids[1:3]):  # a plain tensor (no base), a view of another shape
+            torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(programs(converted)[""]) == 1
 
 
 def test_keyword_example_landing_in_kwargs_keeps_dynamic_axes():

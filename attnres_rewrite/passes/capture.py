@@ -161,7 +161,11 @@ def tensor_forward(model: nn.Module, inputs: CallInputs) -> Iterator[None]:
 
 
 def _export(model: nn.Module, inputs: CallInputs, dynamic: bool) -> torch.export.ExportedProgram:
-    tensors = inputs.tensors
+    # a view (ids[:, :-1], a rank's rows) would be traced with guards on its base's sizes, which a later call's
+    # plain tensor has no base to answer (AttributeError on None._base); trace a copy instead
+    tensors = tuple(
+        t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs.tensors
+    )
     shapes = (tuple(capture_axes(t) for t in tensors),) if dynamic else None
     with warnings.catch_warnings(), tensor_forward(model, inputs):
         warnings.simplefilter("ignore")

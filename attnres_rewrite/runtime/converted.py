@@ -45,6 +45,14 @@ from ..passes.outline import Outline, layer_paths, outline
 from ..passes.plan import ConversionPlan, plan_mismatch
 from ..passes.rewrite import AttnResParameters, rewrite
 from .caches import hand_back_caches
+from .distributed import (
+    innermost,
+    is_distributed_tensor,
+    meta_stand_ins,
+    sharded_states,
+    state_modules,
+    unwrapped_layers,
+)
 from .program import LayerProgram, Program
 
 __all__ = ["ConvertedForward", "LayerForward", "ProgramCache", "tracing", "install", "owners", "is_converted"]
@@ -207,6 +215,7 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
     return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
 
 
+_PLAIN = (Tensor, nn.Parameter)  # exact types of tensors that are no subclass (a fast path)
 _STRUCTURE = [0]  # bumped whenever any module registers a submodule (see _watch_structure)
 
 
@@ -229,13 +238,22 @@ def state_key(modules: list[nn.Module]) -> tuple:
     """What of the modules' state a trace bakes in: train/eval flags, and the dtypes and devices of their tensors.
 
     Read on every call: each tensor's dtype and device index, no ``torch.device`` built.
+    ``modules`` come from :func:`~.distributed.state_modules` (wrappers around layers left
+    out); a parameter FSDP2 holds sharded counts as the dtype and device it is gathered in.
     """
     training = tuple(m.training for m in modules)
     kinds = set()
+    sharded = []
     for m in modules:
         for t in itertools.chain(m._parameters.values(), m._buffers.values()):
-            if t is not None:
+            if t is None:
+                continue
+            if type(t) not in _PLAIN and is_distributed_tensor(t):
+                sharded.append(t)  # FSDP2's DTensor: keyed by what it computes in (runtime.distributed)
+            else:
                 kinds.add((t.dtype, t.device.type if t.is_meta else t.get_device()))
+    if sharded:
+        kinds |= sharded_states(modules, sharded)
     return training, frozenset(kinds)
 
 
@@ -255,7 +273,7 @@ class ConvertedForward(_ForwardOverride):
         """The module's submodules and the AttnRes module, listed again only after a module registration."""
         version, listed = self._modules
         if version != _STRUCTURE[0] or not listed:
-            listed = [*self.module.modules(), *self.attnres.modules()]
+            listed = state_modules(self.module, self.attnres)  # checkpoint wrappers left out
             self._modules = (_STRUCTURE[0], listed)
         return listed
 
@@ -300,18 +318,27 @@ class ConvertedForward(_ForwardOverride):
                 )
             program = self.capture(call, args, kwargs)
             self.programs.add(kind, program, self.path)
+        # a copy made before the capture shares its program, not its layers' overrides
+        install_layer_forwards(self.module, program)
         self.last = program
         return program, tensors
 
     def capture(self, call: CallInputs, args: tuple, kwargs: dict) -> Program:
         """Trace this call, check the streams against the plan, rewrite, outline and compile."""
         started = time.perf_counter()
-        with tracing(self.module):
-            try:
-                captured = capture_call(self.module, args, kwargs, trace_depth=self.attnres.trace_depth)
-            except AttnResError as exc:
-                raise type(exc)(f"could not capture {self._where(call)}: {exc}") from exc
-        gm = captured.take_module()
+        depth = self.attnres.trace_depth
+        # a sharded owner is traced on meta stand-ins, wrapped layers unwrapped (runtime.distributed)
+        with meta_stand_ins(self.module, args, kwargs, depth) as stand_ins, unwrapped_layers(self.module):
+            if stand_ins is not None:
+                args, kwargs, depth = stand_ins.args, stand_ins.kwargs, stand_ins.trace_depth
+            with tracing(self.module):
+                try:
+                    captured = capture_call(self.module, args, kwargs, trace_depth=depth)
+                except AttnResError as exc:
+                    raise type(exc)(f"could not capture {self._where(call)}: {exc}") from exc
+            gm = captured.take_module()
+            if stand_ins is not None:
+                stand_ins.finish(gm, self.module)
         prefix_module_paths(gm, self.path)
         return self.build(captured, gm, detect(gm), started)
 
@@ -369,10 +396,16 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name="AttnResGraph")
 
 
-def install_layer_forwards(module: nn.Module, outlined: Outline) -> None:
-    """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless)."""
+def install_layer_forwards(module: nn.Module, outlined: Outline | Program) -> None:
+    """Give each outlined layer a :class:`LayerForward` (once; the override itself is stateless).
+
+    A layer under wrappers (``checkpoint_wrapper``) gets it on the innermost module: the
+    program calls the wrapper, which calls the layer. Checked on every call: deep copies
+    share programs, so a copy made before a program was captured (and the copy sharded
+    or wrapped since) gets its overrides when it first runs that program.
+    """
     for layer_graph in outlined.layers:
-        layer = module.get_submodule(layer_graph.path)
+        layer = innermost(module.get_submodule(layer_graph.path))  # under checkpoint_wrapper & co: the wrapped layer
         if not isinstance(vars(layer).get("forward"), LayerForward):
             layer.forward = LayerForward(layer)
 

@@ -73,6 +73,7 @@ class Program:
     capture_seconds: float = 0.0
     source: str = ""
     flat: fx.GraphModule | None = None  # the rewritten graph before outlining, for inspection and lowering
+    outline: Outline | None = None  # the outlined graphs (top graph: pipeline stages are cut from it)
     compiled: dict = field(default_factory=dict)  # compiler -> the compiled top function
 
     @classmethod
@@ -101,6 +102,7 @@ class Program:
             notes=[*notes, *outline.notes],
             capture_seconds=time.perf_counter() - started,
             source=source,
+            outline=outline,
         )
 
     def admits(self, tensors: tuple[Tensor, ...]) -> bool:
