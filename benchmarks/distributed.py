@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnres_rewrite as ar
-import samples
 from attnres_rewrite import distributed as ard
+from attnres_rewrite import samples
 from attnres_rewrite.distributed.pipeline import split_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"

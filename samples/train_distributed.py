@@ -34,7 +34,6 @@ import argparse
 import copy
 import datetime
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-if __package__ in (None, ""):  # ``torchrun samples/train_distributed.py``: make ``samples`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import attnres_rewrite as ar  # noqa: E402
-from attnres_rewrite import distributed as ard  # noqa: E402
-from samples import llama  # noqa: E402
+import attnres_rewrite as ar
+from attnres_rewrite import distributed as ard
+from attnres_rewrite.samples import llama
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import attnres_rewrite as ar
-import samples
 from attnres_rewrite import distributed as ard
+from attnres_rewrite import samples
 from attnres_rewrite.api import programs
 
 WORLD = 2
