@@ -177,7 +177,7 @@ def load_adapter(
         captured = capture(target, example_inputs, trace_depth=trace_depth)
         module = captured.take_module()
         detection = detect(module, target)
-        problem = plan_mismatch(plan, detection)
+        problem = plan_mismatch(plan, detection, kinds=True)
         if problem is not None:
             raise AdapterError(f"the adapter does not fit this model: {problem}")
         found = {s.name: s for s in detection.streams}

@@ -170,6 +170,10 @@ def _check_options(num_blocks, block_size, full, mode, eps, layers_per_block=Non
     ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidInputError(f"{label} must be a positive integer, got {value!r}")
+    if layers_per_block is not None and (full or num_blocks is not None or block_size is not None):
+        raise InvalidInputError(
+            "layers_per_block sets the whole partition; do not also pass num_blocks/block_size/full"
+        )
 
 
 def build_plan(

@@ -412,21 +412,29 @@ def test_model_that_needs_size_one_keeps_its_own_error_for_other_sizes():
             converted(_ids(2, 4))
 
 
-def test_layer_aligned_blocks_never_split_a_layer():
-    model, inputs = samples.get("llama", layers=5, dropout=0.0)
-    by_sublayers = ar.inspect(model, inputs)  # the default preview: 8 blocks capped at L
-    assert by_sublayers.streams[0].num_sublayers == 10
+def test_layer_partition_never_splits_a_layer():
+    """Blocks of whole layers, layers read from module paths (a layer may hold 1, 2 or 3 sublayers)."""
+    from attnres_rewrite.passes.plan import layer_partition
+
+    paths = [f"layers.{i}.{m}" for i in range(5) for m in ("attn", "mlp")]
+    assert layer_partition(paths, 2) == [[0, 4], [4, 8], [8, 10]]
+    assert layer_partition(paths, 5) == [[0, 10]]
+    uneven = ["h.0.attn", "h.0.cross", "h.0.mlp", "h.1.mlp", "h.2.attn", "h.2.mlp"]
+    assert layer_partition(uneven, 1) == [[0, 3], [3, 4], [4, 6]]
+    assert layer_partition(uneven, 2) == [[0, 4], [4, 6]]
+    with pytest.raises(InvalidInputError, match="layers_per_block=6 is out of range.*5 layers"):
+        layer_partition(paths, 6)
+
+
+def test_layer_aligned_blocks_convert_like_the_equal_sublayer_partition():
+    model, inputs = samples.get("llama", layers=3, dropout=0.0)
+    with pytest.raises(InvalidInputError, match="do not also pass"):  # refused before any trace
+        ar.convert(model, inputs, layers_per_block=2, num_blocks=2)
     converted = ar.convert(model, inputs, layers_per_block=2, mode="exact")
-    (plan,) = converted.attnres.plan.streams
-    assert plan.blocks == [[0, 4], [4, 8], [8, 10]]
+    assert converted.attnres.plan.streams[0].blocks == [[0, 4], [4, 6]]
     assert converted.attnres.plan.layers_per_block == 2
-    cut = ar.convert(model, inputs, num_blocks=4)  # S = 3 sublayers: a block starts at layers.1.mlp
-    assert cut.attnres.plan.streams[0].blocks[1] == [3, 6]
     same = ar.convert(model, inputs, block_size=4, mode="exact")  # 2 sublayers per layer: the same partition
+    assert same.attnres.plan.streams[0].blocks == [[0, 4], [4, 6]]
     ids = _ids(3, 6)
     with torch.no_grad():
         torch.testing.assert_close(converted(ids), same(ids), rtol=0, atol=0)
-    with pytest.raises(InvalidInputError, match="layers_per_block=6 is out of range.*5 layers"):
-        ar.convert(model, inputs, layers_per_block=6)
-    with pytest.raises(InvalidInputError, match="do not also pass"):
-        ar.convert(model, inputs, layers_per_block=2, num_blocks=2)

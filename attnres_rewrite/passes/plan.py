@@ -212,12 +212,15 @@ def make_stream_plan(
     )
 
 
-def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
+def plan_mismatch(plan: ConversionPlan, detection, *, kinds: bool = False) -> str | None:
     """Why ``plan`` does not fit the streams ``detection`` found, or None when every planned stream is there.
 
     Each planned stream must be found, convertible, with the same sublayers (module
-    paths, in order), kind, feature axis and size and shared inputs. Used when an adapter is applied
-    to a freshly built model and whenever a converted model captures a new call.
+    paths, in order), feature axis and size and shared inputs. Used when an adapter is
+    applied to a freshly built model (``kinds=True``: the kind must match too) and
+    whenever a converted model captures a new call, where the kind may differ: a call
+    returning hidden states reads the stream directly, which makes a pre-norm stream
+    look additive, and the rewrite is the same for both.
     """
     found = {s.name: s for s in detection.streams}
     for sp in plan.streams:
@@ -234,7 +237,7 @@ def plan_mismatch(plan: ConversionPlan, detection) -> str | None:
             return f"stream {sp.name!r}: sublayer {i} is {paths[i]!r} here but {sp.sublayers[i]!r} in the plan"
         if s.dim != sp.dim:
             return f"stream {sp.name!r}: feature size {s.dim} here, {sp.dim} in the plan"
-        if s.feature_axis != sp.feature_axis or s.kind != sp.kind:  # the axis decides how the rewrite aggregates
+        if s.feature_axis != sp.feature_axis or kinds and s.kind != sp.kind:  # the axis decides the aggregation
             return (
                 f"stream {sp.name!r}: a {s.kind} stream with features on axis {s.feature_axis} here, "
                 f"{sp.kind} on axis {sp.feature_axis} in the plan"
