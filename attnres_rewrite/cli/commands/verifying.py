@@ -156,7 +156,8 @@ def _onnx_check(
         "rtol": rtol,
         "ok": result.ok,
         "failures": result.failures,
+        "outputs": result.per_output(),
         "providers": result.providers,
         "input_shapes": result.input_shapes,
-        "notes": result.notes,
+        "notes": [*result.notes, *result.zero_reference_notes()],
     }
