@@ -1,10 +1,13 @@
 """ONNX export of model kinds that failed before issue 15 (tiny configs, random weights, nothing downloaded).
 
-- ViT-family encoders (DeiT): onnxruntime returned NaN, because the optimiser dropped the
-  key-norm ``+ eps`` of 1e-12 and a zero token gave ``1 / sqrt(0)``;
 - T5-style attention: ``Cannot view a tensor with shape ... and strides ...`` when the
   exporter re-decomposed a ``reshape`` of a transposed attention output;
 - mixture-of-experts decoders: ``No ONNX function found for transformers.grouped_mm_fallback``.
+
+(ViT-family encoders returned NaN because the optimiser dropped the key-norm ``+ eps`` of
+1e-12 and a zero token gave ``1 / sqrt(0)``; ``test_onnx_export.py::
+test_tiny_eps_survives_the_optimiser_so_zero_rows_stay_finite`` reproduces that in one
+second, so no DeiT export, ~25 s, is spent here.)
 
 Every model is converted in ``exact`` mode, so the ONNX file must also reproduce the
 *original* model (zero queries make AttnRes the residual sum): that is the reference
@@ -23,15 +26,6 @@ from attnres_rewrite.onnx.verify import tensor_leaves
 
 ort = pytest.importorskip("onnxruntime")
 T = pytest.importorskip("transformers")
-
-
-def _deit():
-    cfg = T.DeiTConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
-    )  # fmt: skip
-    model = T.DeiTModel(cfg, add_pooling_layer=False)
-    # DeiT's class and distillation tokens and position embeddings start at zero (as in a fresh model)
-    return model, {"pixel_values": torch.randn(2, 3, 8, 8)}, {"pixel_values": torch.randn(3, 3, 8, 8)}
 
 
 def _t5_encoder():
@@ -67,12 +61,6 @@ def _export_and_compare(tmp_path, build):
     scale = np.abs(want[0]).max()
     assert scale > 0 and np.abs(got[0] - want[0]).max() <= 1e-4 * scale
     return converted, report
-
-
-@pytest.mark.slow
-def test_vit_family_encoder_with_zero_tokens_is_finite_in_onnxruntime(tmp_path):
-    model, _ = _export_and_compare(tmp_path, _deit)
-    assert torch.count_nonzero(model.embeddings.cls_token) == 0  # the zero rows the NaN came from
 
 
 @pytest.mark.slow

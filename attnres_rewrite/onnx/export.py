@@ -103,6 +103,8 @@ class ExportReport:
     provider_results: list[_verify.ProviderResult] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    task: str = "default"
+    task_verification: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (non-finite floats become ``None``)."""
