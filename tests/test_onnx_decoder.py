@@ -18,6 +18,7 @@ import torch
 import attnres_rewrite
 from attnres_rewrite.errors import ExportError
 from attnres_rewrite.onnx import export_decoder_with_past, generate_greedy
+from attnres_rewrite.onnx.decoder import compare_generation
 
 pytest.importorskip("onnxruntime")
 T = pytest.importorskip("transformers")
@@ -38,11 +39,11 @@ def exported(tmp_path_factory):
     converted = attnres_rewrite.convert(original, {"input_ids": torch.randint(0, 64, (2, 5))}, mode="exact")
     path = tmp_path_factory.mktemp("decoder") / "model.onnx"
     report = export_decoder_with_past(converted, path, steps=3)
-    return path, report, reference
+    return path, report, reference, converted
 
 
 def test_interface_uses_optimum_names_and_an_empty_first_past(exported):
-    path, report, _ = exported
+    path, report, *_ = exported
     graph = onnx.load(str(path), load_external_data=False).graph
     past = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
@@ -58,13 +59,24 @@ def test_interface_uses_optimum_names_and_an_empty_first_past(exported):
 
 
 def test_onnxruntime_greedy_tokens_equal_the_original_models_generate(exported):
-    path, _, reference = exported
+    path, _, reference, _ = exported
     prompt = torch.randint(1, 64, (2, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
     got = generate_greedy(path, prompt.numpy(), 6)
     assert want.shape == (2, 10)
     np.testing.assert_array_equal(got, want.numpy())
+
+
+def test_generation_check_passes_on_its_model_and_catches_another(exported):
+    path, _, reference, converted = exported
+    same = compare_generation(path, converted, max_new_tokens=5, seed=1)
+    assert same["tokens_equal"] and same["first_difference"] is None and len(same["onnx_tokens"][0]) == 5
+    other = copy.deepcopy(reference)
+    with torch.no_grad():
+        other.lm_head.weight.copy_(torch.randn_like(other.lm_head.weight))
+    differs = compare_generation(path, other, max_new_tokens=5, seed=1)
+    assert not differs["tokens_equal"] and differs["first_difference"] is not None
 
 
 def test_greedy_helper_refuses_a_file_of_another_task(tmp_path):

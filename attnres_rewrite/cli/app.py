@@ -218,7 +218,12 @@ def verify(
     ],
     onnx: Annotated[
         Path | None,
-        typer.Option("--onnx", metavar="FILE.onnx", help="Also check this exported file.", show_default=False),
+        typer.Option(
+            "--onnx",
+            metavar="FILE.onnx|DIR",
+            help="Also check this exported file (a --task text-generation-with-past directory: also greedy tokens).",
+            show_default=False,
+        ),
     ] = None,
     atol: o.Atol = None,
     rtol: o.Rtol = None,

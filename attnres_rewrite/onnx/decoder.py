@@ -259,6 +259,48 @@ def generate_greedy(
     return tokens
 
 
+def is_task_file(input_names: list[str]) -> bool:
+    """Does an ONNX file with these inputs have this task's interface?"""
+    return input_names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+
+
+def greedy_reference(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding in PyTorch with the model's own KV cache: the loop :func:`generate_greedy` runs in onnxruntime."""
+    cache_kwarg = _cache_kwarg(model)
+    tokens, step_ids, cache = input_ids, input_ids, None
+    for _ in range(max_new_tokens):
+        start = tokens.shape[1] - step_ids.shape[1]
+        mask = torch.ones(tokens.shape, dtype=torch.long)
+        positions = torch.arange(start, tokens.shape[1]).expand(tokens.shape[0], -1)
+        logits, cache = _reference_step(model, cache_kwarg, step_ids, mask, positions, cache)
+        step_ids = logits[:, -1:].argmax(-1)
+        tokens = torch.cat([tokens, step_ids], dim=1)
+    return tokens
+
+
+def compare_generation(
+    path: str | Path, model: nn.Module, *, batch: int = 2, prompt: int = 5, max_new_tokens: int = 8, seed: int = 0
+) -> dict[str, Any]:
+    """Greedy tokens of the file in onnxruntime vs the model in PyTorch, from the same random prompt.
+
+    ``tokens_equal`` is the check (``exact`` conversions reproduce the original's tokens;
+    near-tied logits can legitimately flip a token at float rounding otherwise);
+    ``first_difference`` is the first generated position where they differ, or ``None``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=gen)
+    want = greedy_reference(model, ids, max_new_tokens).numpy()
+    got = generate_greedy(path, ids.numpy(), max_new_tokens)
+    differs = np.nonzero((got != want).any(axis=0))[0]
+    return {
+        "tokens_equal": bool(differs.size == 0),
+        "first_difference": int(differs[0]) - prompt if differs.size else None,
+        "prompt": ids.tolist(),
+        "onnx_tokens": got[:, prompt:].tolist(),
+        "torch_tokens": want[:, prompt:].tolist(),
+    }
+
+
 def export_decoder_with_past(
     model: nn.Module,
     path: str | Path,
