@@ -449,6 +449,24 @@ def test_model_that_runs_but_cannot_be_captured_is_not_exportable(tmp_path):
     assert _listing(tmp_path) == []
 
 
+def test_report_gives_each_outputs_reference_magnitude_and_flags_an_all_zero_one(tmp_path):
+    """Issue 15 item 6: a check against an all-zero output passes vacuously; the report must show it."""
+
+    class HalfDead(nn.Module):
+        def forward(self, x):
+            return x * 3, x * 0
+
+    x = torch.randn(2, 5)
+    report = export_onnx(HalfDead(), (x,), tmp_path / "m.onnx", require_attnres=False)
+    by_name = {o["name"]: o for o in report.outputs}
+    assert set(by_name) == set(report.output_names) and len(by_name) == 2
+    live, dead = (by_name[n] for n in report.output_names)
+    assert live["reference_max_abs"] > 0 and live["ok"] and live["max_abs_diff"] <= 1e-6 * live["reference_max_abs"]
+    assert dead["reference_max_abs"] == 0
+    assert [n for n in report.notes if "all zeros in PyTorch" in n and repr(dead["name"]) in n]
+    assert "reference_max_abs" in json.dumps(report.to_dict())
+
+
 @torch.library.custom_op("attnres_test::double_it", mutates_args=())
 def _double_it(x: torch.Tensor) -> torch.Tensor:
     return x * 2

@@ -663,6 +663,13 @@ def export_file(
                 _rename_inputs(program.model, names.inputs)
             outputs = names.outputs if names is not None and names.outputs is not None else _output_names(exported)
             _rename_outputs(program.model, outputs)
+            if names is not None and names.outputs is not None:  # a task's interface: the names are the contract
+                got = [v.name for v in program.model.graph.outputs]
+                if got != names.outputs:
+                    raise ExportError(
+                        f"the exported graph's outputs cannot take the names {names.outputs} (it has {got}: a "
+                        "different count, a name clash or one value returned twice)"
+                    )
             _name_dynamic_axes(program.model, names.axes if names is not None else None)
             initializer_bytes = sum(
                 v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
