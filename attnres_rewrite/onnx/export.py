@@ -402,16 +402,16 @@ def explicit_contiguous_copies(exported) -> int:
     """Give every ``reshape`` a contiguous input and make copying ``contiguous()`` calls explicit (returns how many).
 
     The ONNX exporter decomposes the captured program again, with size-oblivious shape
-    reasoning (so that sizes 0 and 1 export) and with ``scaled_dot_product_attention``
-    decomposed into its math, whose output strides differ from the fused kernel's that
-    the capture saw. A ``reshape`` (or ``contiguous()`` + ``view``) of a transposed
-    attention output, which the capture recorded as viewable, then decomposes into a
-    ``view`` that fails: ``Cannot view a tensor with shape ... and strides ...``. That is
-    the pattern of T5-style attention (``attn.transpose(1, 2).contiguous()`` then
-    ``reshape``) and of Swin's window partition and reverse. In the converted T5 the
-    capture saw the fused kernel's ``(B, S, H, D)`` layout, so the ``contiguous()`` left
-    no node and the ``reshape`` met the transposed tensor directly; in the original the
-    layout differed by chance, which is why only the converted model failed.
+    reasoning (so that sizes 0 and 1 export). Under it, a ``contiguous()`` of a
+    transposed tensor cannot prove the tensor non-contiguous and returns it unchanged,
+    and a ``reshape`` may decompose into a ``view`` the strides do not allow:
+    ``Cannot view a tensor with shape ... and strides ...``. Measured (torch 2.13,
+    transformers 5.x): the *original* Swin and T5 fail this way (Swin's window
+    partition/reverse; T5's ``attn.transpose(1, 2).contiguous()`` then ``reshape``);
+    the converted T5 failed even once copying ``contiguous()`` calls were made explicit,
+    because its captured program has no ``contiguous`` node between the transpose and
+    the reshape (the original's capture has one; why the converted capture elides it
+    was not established).
 
     An explicit ``clone(memory_format=contiguous_format)`` before each ``reshape`` keeps
     the values exactly (a reshape of a copy is the same tensor) and leaves no stride
