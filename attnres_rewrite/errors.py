@@ -38,6 +38,15 @@ class ExportError(AttnResError, RuntimeError):
     """ONNX export failed, or was asked for something it cannot do."""
 
 
+class NotExportableError(ExportError):
+    """The model runs but cannot be expressed in ONNX: ``torch.export`` cannot capture it, or the
+    exporter has no translation for one of its ops.
+
+    Not a user mistake: the CLI exits with 1 for it, not 2, and the message says
+    ``... is not exportable to ONNX because ...``.
+    """
+
+
 class VerificationError(ExportError):
     """An exported model ran but its outputs differ from PyTorch beyond tolerance.
 

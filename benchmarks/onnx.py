@@ -21,7 +21,18 @@ The machine this runs on may be shared: the JSON records the load average before
 after; absolute figures are then inflated, and only the interleaved ratios
 (``latency_vs_original``) are meaningful.
 
-Usage: ``python benchmarks/onnx.py`` (short default, about a minute on two idle
+It also counts the ONNX nodes of the AttnRes part: the graph nodes the conversion
+adds (converted minus original, inline form), and with the function the call nodes in
+the graph plus the nodes of the one ``attnres.BlockAttnRes`` body.
+
+``decode`` (skipped with ``--no-decode``): per-token cost with the KV cache. The sample
+has no cache, so a Hugging Face ``LlamaForCausalLM`` of the sample's shape (same dim,
+layers, heads, SwiGLU width, random weights) is exported with
+``export_decoder_with_past`` (``--task text-generation-with-past``), original and
+converted, and timed on a prefill (empty past, ``seq`` tokens) and on one decode step
+(one token after a past of ``seq``). Target: converted/original <= 1.05 for decode.
+
+Usage: ``python benchmarks/onnx.py`` (short default, a few minutes on two idle
 cores); ``--sizes 512x12x256`` (dim x layers x seq) for larger models.
 """
 
@@ -114,10 +125,10 @@ def bench_size(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
         "params_converted": sum(p.numel() for p in converted.parameters()),
         "variants": {},
     }
-    sessions = {}
+    sessions, paths = {}, {}
     for variant in VARIANTS:
         net = model if variant == "original" else converted
-        path = workdir / f"{variant}_{dim}x{layers}.onnx"
+        path = paths[variant] = workdir / f"{variant}_{dim}x{layers}.onnx"
         start = time.perf_counter()
         report = attnres_rewrite.export_onnx(net, example, path, as_function=variant == "converted_function")
         total_s = time.perf_counter() - start
@@ -137,6 +148,7 @@ def bench_size(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
             "pytorch_eager_latency_ms_mean": round(eager_ms, 3),
         }
         print(f"{dim}x{layers} seq {seq} {variant}: export {report.export_seconds:.1f} s", flush=True)
+    result["onnx_nodes"] = _node_counts(paths)
     feed = {sessions["original"].get_inputs()[0].name: ids.numpy()}
     times = _interleaved_ms(sessions, feed, args.warmup, args.iters)
     base = statistics.median(times["original"])
@@ -145,6 +157,73 @@ def bench_size(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
         entry["ort_cpu_latency_ms"] = _summary(times[variant])
         entry["latency_vs_original"] = round(statistics.median(times[variant]) / base, 3)
         print(f"{dim}x{layers} seq {seq} {variant}: ort {entry['ort_cpu_latency_ms']}", flush=True)
+    return result
+
+
+def _node_counts(paths: dict[str, Path]) -> dict:
+    """Nodes of the AttnRes part: inline (converted - original) and as the function (calls + one body)."""
+    import onnx
+
+    protos = {k: onnx.load(str(p), load_external_data=False) for k, p in paths.items()}
+    total = {k: len(m.graph.node) for k, m in protos.items()}
+    function = protos["converted_function"]
+    calls = sum(1 for n in function.graph.node if n.domain == "attnres")
+    body = sum(len(f.node) for f in function.functions if f.domain == "attnres")
+    return {
+        "graph_nodes": total,
+        "attnres_inline_nodes": total["converted"] - total["original"],
+        "attnres_function_graph_nodes": total["converted_function"] - total["original"],
+        "attnres_function_calls": calls,
+        "attnres_function_body_nodes": body,
+    }
+
+
+def bench_decode(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
+    """Prefill and one decode step with the KV cache, original vs converted (module docstring)."""
+    import numpy as np
+    import transformers as T
+
+    from attnres_rewrite.onnx.decoder import export_decoder_with_past
+
+    T.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    heads = max(1, dim // 32)
+    cfg = T.LlamaConfig(
+        vocab_size=97, hidden_size=dim, intermediate_size=int(dim * 8 / 3), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, use_cache=False,
+    )  # fmt: skip
+    model = T.LlamaForCausalLM(cfg).eval()
+    num_blocks = min(args.num_blocks, 2 * layers)
+    example = {"input_ids": torch.randint(0, 97, (args.batch, 16))}
+    converted = attnres_rewrite.convert(model, example, num_blocks=num_blocks)
+    sessions, result = {}, {"dim": dim, "layers": layers, "seq": seq, "batch": args.batch, "variants": {}}
+    for variant, net in (("original", model), ("converted", converted)):
+        path = workdir / f"decode_{variant}_{dim}x{layers}.onnx"
+        report = export_decoder_with_past(net, path, require_attnres=variant == "converted")
+        sessions[variant] = _session(str(path), args.threads)
+        result["variants"][variant] = {"verify_max_rel_diff": report.max_rel_diff, "attnres_ops": report.attnres_ops}
+    head_dim = dim // heads
+    ids = np.random.default_rng(0).integers(0, 97, (args.batch, seq), dtype=np.int64)
+    past_names = [i.name for i in sessions["original"].get_inputs()[3:]]
+
+    def feed(tokens: int, past: int) -> dict:
+        out = {
+            "input_ids": ids[:, :tokens],
+            "attention_mask": np.ones((args.batch, past + tokens), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + tokens), (args.batch, tokens)).copy(),
+        }
+        shape = (args.batch, heads, past, head_dim)
+        out.update({n: np.random.default_rng(1).standard_normal(shape).astype(np.float32) for n in past_names})
+        return out
+
+    for phase, f in (("prefill", feed(seq, 0)), ("decode", feed(1, seq))):
+        times = _interleaved_ms(sessions, f, args.warmup, args.iters)
+        base = statistics.median(times["original"])
+        for variant in sessions:
+            entry = result["variants"][variant]
+            entry[f"{phase}_ort_cpu_latency_ms"] = _summary(times[variant])
+            entry[f"{phase}_latency_vs_original"] = round(statistics.median(times[variant]) / base, 3)
+            print(f"decode bench {dim}x{layers} {phase} {variant}: {entry[f'{phase}_ort_cpu_latency_ms']}", flush=True)
     return result
 
 
@@ -157,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=45)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the KV-cache benchmark")
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
@@ -164,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_size(*_parse_size(s), args, Path(tmp)) for s in args.sizes.split(",")]
+        decode = [bench_decode(*_parse_size(s), args, Path(tmp)) for s in args.sizes.split(",")] if args.decode else []
     report = {
         "benchmark": "onnxruntime CPU latency, converted vs original (attnres_rewrite.samples.llama), and export time",
         "environment": {
@@ -178,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "num_blocks": args.num_blocks},
         "results": results,
+        "decode_with_kv_cache": decode,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

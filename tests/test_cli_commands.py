@@ -302,6 +302,36 @@ def test_export_verification_mismatch_exits_1_not_2(monkeypatch, tmp_path):
     assert "max abs diff 0.5" in result.stderr
 
 
+def test_export_of_a_model_onnx_cannot_express_exits_1_not_2(monkeypatch, tmp_path):
+    """A model the exporter cannot translate is "cannot do this" (1), not a user mistake (2)."""
+    from attnres_rewrite.errors import NotExportableError
+
+    def untranslatable_export(*args, **kwargs):
+        raise NotExportableError("M is not exportable to ONNX because it calls the op x::y, which has no translation")
+
+    monkeypatch.setattr(common.backend("onnx"), "export_onnx", untranslatable_export)
+    result = invoke("export", "samples:gpt2", "-o", str(tmp_path / "m.onnx"), "--blocks", "2")
+    assert result.exit_code == 1, result.stderr
+    assert "error: M is not exportable to ONNX because it calls the op x::y" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--task", "bogus", "-o", "m.onnx"], "--task 'bogus' is not known"),
+        (["--task", "text-generation-with-past", "-o", "m.onnx"], "writes a directory"),
+        (["--task", "text-generation-with-past", "-o", "out", "--static"], "needs dynamic axes"),
+    ],
+    ids=["unknown", "file", "static"],
+)
+def test_export_task_mistakes_exit_2_before_any_work(tmp_path, flags, message):
+    flags = [str(tmp_path / f) if f in ("m.onnx", "out") else f for f in flags]
+    result = invoke("export", "samples:gpt2", *flags)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_whole_model_writes_a_directory_load_converted_reads(tmp_path):
     import torch
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import attnres_rewrite
 from attnres_rewrite import reference as R
-from attnres_rewrite.errors import AttnResError, ExportError
+from attnres_rewrite.errors import AttnResError, ExportError, NotExportableError
 from attnres_rewrite.onnx import DEFAULT_OPSET, export_onnx, function_proto, max_opset
 from attnres_rewrite.onnx import runtime as rt
 from attnres_rewrite.onnx import verify as vf
@@ -223,6 +223,36 @@ def test_single_aggregation_matches_reference(tmp_path, k, scale, as_function):
     assert _rel(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("as_function", [False, True], ids=["inline", "function"])
+def test_tiny_eps_survives_the_optimiser_so_zero_rows_stay_finite(tmp_path, as_function):
+    """Regression: onnxscript's optimiser drops ``x + c`` for a scalar ``|c| <= 1e-8`` (as ``+ 0``).
+
+    With ViT/DeiT/BEiT's eps of 1e-12 gone, a zero source row (DeiT's zero-initialised
+    class and distillation tokens plus zero position embeddings) gave ``1 / sqrt(0)``
+    and NaN everywhere downstream. The function form is checked after the optimiser
+    inlines it, as a user re-optimising the file would.
+    """
+    import onnxscript
+
+    dim = 8
+    model = OneAggregation(dim, eps=1e-12)
+    sources = [torch.randn(2, 5, dim) for _ in range(3)]
+    for s in sources:
+        s[:, 0] = 0.0  # one all-zero token in every source
+    path = tmp_path / "zero_rows.onnx"
+    export_onnx(model, tuple(sources), path, as_function=as_function)  # verification would refuse NaN
+    if as_function:
+        proto = onnxscript.optimizer.optimize(onnx.load(str(path)))
+        assert not proto.functions
+        onnx.save(proto, str(path))
+    fresh = [torch.randn(3, 4, dim) for _ in range(3)]
+    for s in fresh:
+        s[:, 1] = 0.0
+    (got,) = _ort_run(path, *fresh)
+    want = R.attnres(fresh, model.query.detach(), model.gain.detach(), 1e-12, 1.0)
+    assert np.isfinite(got).all() and _rel(got, want) <= 1e-5
+
+
 def test_two_phase_ops_match_reference(tmp_path):
     dim = 10
     model = TwoPhase(dim)
@@ -402,9 +432,62 @@ def test_model_that_fails_in_export_gives_the_root_cause_briefly(tmp_path):
         def forward(self, x):
             raise ValueError("this model refuses to be traced")
 
-    with pytest.raises(ExportError, match="could not capture Broken.*refuses to be traced") as info:
+    with pytest.raises(ExportError, match="Broken fails on the example inputs.*refuses to be traced") as info:
         export_onnx(Broken(), (torch.randn(4),), tmp_path / "m.onnx")
+    assert not isinstance(info.value, NotExportableError)  # the user's model is broken: exit code 2
     assert len(str(info.value)) < 1000
+    assert _listing(tmp_path) == []
+
+
+def test_model_that_runs_but_cannot_be_captured_is_not_exportable(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x[: int(x.sum() > 0) + 1] * 2  # a size from the values: not capturable with dynamic shapes
+
+    with pytest.raises(NotExportableError, match="DataDependent is not exportable to ONNX because torch.export"):
+        export_onnx(DataDependent(), (torch.randn(4, 3),), tmp_path / "m.onnx")
+    assert _listing(tmp_path) == []
+
+
+def test_report_gives_each_outputs_reference_magnitude_and_flags_an_all_zero_one(tmp_path):
+    """Issue 15 item 6: a check against an all-zero output passes vacuously; the report must show it."""
+
+    class HalfDead(nn.Module):
+        def forward(self, x):
+            return x * 3, x * 0
+
+    x = torch.randn(2, 5)
+    report = export_onnx(HalfDead(), (x,), tmp_path / "m.onnx", require_attnres=False)
+    by_name = {o["name"]: o for o in report.outputs}
+    assert set(by_name) == set(report.output_names) and len(by_name) == 2
+    live, dead = (by_name[n] for n in report.output_names)
+    assert live["reference_max_abs"] > 0 and live["ok"] and live["max_abs_diff"] <= 1e-6 * live["reference_max_abs"]
+    assert dead["reference_max_abs"] == 0
+    assert [n for n in report.notes if "all zeros in PyTorch" in n and repr(dead["name"]) in n]
+    assert "reference_max_abs" in json.dumps(report.to_dict())
+
+
+@torch.library.custom_op("attnres_test::double_it", mutates_args=())
+def _double_it(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double_it.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_without_onnx_translation_is_not_exportable_and_named(tmp_path):
+    """Like ``transformers::grouped_mm_fallback``: the message names the op, the error is not a user mistake."""
+
+    class CustomOp(nn.Module):
+        def forward(self, x):
+            return _double_it(x) + 1
+
+    assert torch.equal(CustomOp()(torch.ones(2, 3)), torch.full((2, 3), 3.0))  # it runs in PyTorch
+    with pytest.raises(NotExportableError, match="CustomOp is not exportable to ONNX because it calls the op "
+                       "attnres_test.double_it"):  # fmt: skip
+        export_onnx(CustomOp(), (torch.randn(2, 3),), tmp_path / "m.onnx", require_attnres=False)
     assert _listing(tmp_path) == []
 
 

@@ -10,9 +10,9 @@ make AttnRes reproduce the residual sum), which ties the export back to the SPEC
 Coverage is one axis at a time, not the cartesian product: each of Block/Full,
 paper/exact and inline/function appears on several models. Hugging Face models are
 built from tiny configs with random weights (no download, no remote code) and are
-marked ``slow``. T5 is not used as the encoder-decoder: the unconverted T5 of
-transformers 5.23 already fails ``torch.onnx.export`` with torch 2.13 (a ``view`` of a
-transposed attention output during decomposition), so Whisper stands in.
+marked ``slow``. Whisper is the encoder-decoder here; T5-style attention (which failed
+with ``Cannot view a tensor ...`` before issue 15, converted or not) is covered by
+``test_onnx_deploy.py``.
 """
 
 from __future__ import annotations

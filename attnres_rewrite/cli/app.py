@@ -173,9 +173,24 @@ def export(
     ctx: typer.Context,
     model: o.ModelArg,
     output: Annotated[
-        Path, typer.Option("--output", "-o", metavar="FILE.onnx", help="ONNX file to write.", show_default=False)
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE.onnx|DIR",
+            help="ONNX file to write; with --task text-generation-with-past, a directory (model.onnx inside).",
+            show_default=False,
+        ),
     ],
     adapter: o.Adapter = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="default: the model's forward on its example; text-generation-with-past: a Hugging Face causal LM "
+            "with its KV cache, under optimum's input and output names.",
+        ),
+    ] = "default",
     opset: Annotated[int | None, typer.Option(min=1, help="ONNX opset (default: the exporter's).")] = None,
     function: Annotated[
         bool, typer.Option("--function/--no-function", help="Wrap AttnRes as an ONNX function in domain attnres.")
@@ -205,6 +220,7 @@ def export(
         output,
         adapter=adapter,
         options=options,
+        task=task,
         opset=opset,
         as_function=function,
         dynamic=dynamic,
@@ -228,7 +244,12 @@ def verify(
     ],
     onnx: Annotated[
         Path | None,
-        typer.Option("--onnx", metavar="FILE.onnx", help="Also check this exported file.", show_default=False),
+        typer.Option(
+            "--onnx",
+            metavar="FILE.onnx|DIR",
+            help="Also check this exported file (a --task text-generation-with-past directory: also greedy tokens).",
+            show_default=False,
+        ),
     ] = None,
     atol: o.Atol = None,
     rtol: o.Rtol = None,

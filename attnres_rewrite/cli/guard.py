@@ -3,7 +3,8 @@
 Exit codes (documented in docs/cli.md):
 
 - 0: success;
-- 1: a check failed (the model, adapter or ONNX file does not match within tolerance);
+- 1: a check failed (the model, adapter or ONNX file does not match within tolerance),
+  or the model cannot be expressed in ONNX (:class:`~attnres_rewrite.errors.NotExportableError`);
 - 2: a user mistake: bad MODEL, bad flags, output in the way, corrupted or foreign
   adapter, or any :class:`~attnres_rewrite.errors.AttnResError` (click's own usage
   errors already use 2);
@@ -26,7 +27,7 @@ from typing import TypeVar
 
 import typer
 
-from ..errors import AttnResError, VerificationError
+from ..errors import AttnResError, NotExportableError, VerificationError
 from .output import stderr
 
 EXIT_CHECK_FAILED = 1
@@ -74,6 +75,8 @@ def guarded(fn: F) -> F:
             debug = debug_enabled(kwargs.get("ctx"), bool(kwargs.get("debug")))
             if isinstance(exc, (CheckFailed, VerificationError)):
                 _fail(f"verification failed: {_one_line(exc)}", EXIT_CHECK_FAILED, debug)
+            if isinstance(exc, NotExportableError):
+                _fail(f"error: {_one_line(exc)}", EXIT_CHECK_FAILED, debug)
             if isinstance(exc, AttnResError):
                 _fail(f"error: {_one_line(exc)}", EXIT_USAGE, debug)
             hint = "" if debug else "; rerun with --debug for the traceback"

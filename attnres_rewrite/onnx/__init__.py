@@ -3,6 +3,9 @@
 ``export_onnx(model, example_inputs, path)`` writes an ONNX file in which every
 ``torch.ops.attnres.*`` op is made of standard ONNX ops (optionally wrapped as the
 local function ``attnres.BlockAttnRes``) and checks it against PyTorch.
+``export_decoder_with_past(model, path)`` writes a causal LM with its KV cache under
+optimum's names (``--task text-generation-with-past``), and ``generate_greedy`` runs
+greedy decoding with such a file in onnxruntime.
 
 This subpackage is named ``onnx``; inside it the ONNX library is always imported with
 absolute ``import onnx`` (absolute by default in Python 3), and our own modules with
@@ -11,6 +14,7 @@ relative imports, so the name shadows nothing.
 
 from __future__ import annotations
 
+from .decoder import TASK, export_decoder_with_past, generate_greedy
 from .export import DEFAULT_OPSET, MIN_OPSET, ExportReport, export_onnx, max_opset
 from .function import DOMAIN, FUNCTION_NAME, function_proto
 from .translations import translation_table
@@ -20,9 +24,12 @@ __all__ = [
     "DOMAIN",
     "FUNCTION_NAME",
     "MIN_OPSET",
+    "TASK",
     "ExportReport",
+    "export_decoder_with_past",
     "export_onnx",
     "function_proto",
+    "generate_greedy",
     "max_opset",
     "translation_table",
 ]

@@ -40,12 +40,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import ExportError, VerificationError
+from ..errors import ExportError, NotExportableError, VerificationError
 from ..passes.capture import dynamic_axes
 from ..passes.lower import count_ops
 from . import verify as _verify
 from .function import DOMAIN, DOMAIN_VERSION, function_ir
 from .runtime import Runtime, find_runtime
+from .traceable import traceable_experts
 from .translations import function_mode, translation_table
 from .verify import DEFAULT_ATOL
 from .verify import short_error as _short
@@ -70,7 +71,10 @@ class ExportReport:
     """What was exported, where, and how closely onnxruntime matches PyTorch.
 
     ``max_rel_diff`` is ``max|onnx - torch| / max|torch|`` per output (worst output,
-    worst provider); ``None`` when verification did not run.
+    worst provider); ``None`` when verification did not run. ``outputs`` has one entry
+    per output (worst provider): ``name``, ``shape``, ``max_abs_diff``, ``max_rel_diff``,
+    ``reference_max_abs`` (``max|torch|``, the scale the relative figure divides by; 0
+    for an all-zero output, whose check is then vacuous and noted) and ``ok``.
     """
 
     onnx_path: str
@@ -97,7 +101,10 @@ class ExportReport:
     rtol: float | None = None
     atol: float | None = None
     provider_results: list[_verify.ProviderResult] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    task: str = "default"
+    task_verification: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (non-finite floats become ``None``)."""
@@ -229,13 +236,21 @@ def _rename_symbols(model, symbol_names: dict[str, str]) -> None:
             rename(value)
 
 
-def _name_dynamic_axes(model) -> None:
-    """Give each symbolic input dim a name from the axis it first appears on."""
+def _name_dynamic_axes(model, preferred: dict[str, dict[int, str]] | None = None) -> None:
+    """Give each symbolic input dim a name: ``preferred[input][axis]``, else one from the axis it first appears on."""
     import onnx_ir as ir
 
     base = {0: "batch", 1: "seq"}
+    preferred = preferred or {}
     names: dict[str, str] = {}
     used: set[str] = set()
+    for value in model.graph.inputs:  # preferred names first, so a default name never takes one of them
+        for axis, name in preferred.get(value.name, {}).items():
+            dims = value.shape or ()
+            if axis < len(dims) and isinstance(dims[axis], ir.SymbolicDim) and isinstance(dims[axis].value, str):
+                if _SYMBOL.fullmatch(dims[axis].value) and dims[axis].value not in names:
+                    names[dims[axis].value] = name
+                    used.add(name)
     for value in model.graph.inputs:
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and _SYMBOL.fullmatch(dim.value):
@@ -248,6 +263,15 @@ def _name_dynamic_axes(model) -> None:
                 names[dim.value] = name
                 used.add(name)
     _rename_symbols(model, names)  # also turns specialised "8"-style symbols into static sizes
+
+
+def _rename_inputs(model, names: list[str]) -> None:
+    """Name the graph's inputs in order (a task's interface: ``past_key_values.0.key``...)."""
+    inputs = list(model.graph.inputs)
+    if len(names) != len(inputs):
+        raise ExportError(f"the exported graph has {len(inputs)} inputs, expected {len(names)} ({', '.join(names)})")
+    for value, name in zip(inputs, names):
+        value.name = name
 
 
 # --------------------------------------------------------------------------------------
@@ -333,16 +357,26 @@ def _warm_up(model, args, kwargs) -> None:
     """Run a converted model once on the example, so the program of this call exists before export traces it.
 
     A converted model captures a program per call signature on first use; it cannot do
-    that while ``torch.export`` traces it with fake tensors.
+    that while ``torch.export`` traces it with fake tensors. A module that merely holds a
+    converted model (a wrapper giving it another signature) needs the same.
     """
-    from ..runtime.converted import is_converted
+    from ..runtime.converted import owners
 
-    if is_converted(model):
+    if owners(model):
         with torch.no_grad():
             try:
                 model(*args, **kwargs)
             except Exception as exc:  # the model's own error on its example is the user's to see
                 raise ExportError(f"the converted model fails on the example inputs: {_short(exc)}") from exc
+
+
+def _runs_eagerly(model, args, kwargs) -> None:
+    """Raise :class:`ExportError` (a user error) when ``model`` fails on its example inputs in PyTorch."""
+    with torch.no_grad():
+        try:
+            model(*args, **kwargs)
+        except Exception as exc:
+            raise ExportError(f"{type(model).__name__} fails on the example inputs: {_short(exc)}") from exc
 
 
 def _capture(model, args, kwargs, dynamic_shapes):
@@ -357,10 +391,83 @@ def _capture(model, args, kwargs, dynamic_shapes):
         try:
             return torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch raises many kinds; the user needs the root cause
-            raise ExportError(f"torch.export could not capture {type(model).__name__}: {_short(exc)}") from exc
+            _runs_eagerly(model, args, kwargs)  # a model failing on its own example is the user's to fix
+            raise NotExportableError(
+                f"{type(model).__name__} is not exportable to ONNX because torch.export could not capture it: "
+                f"{_short(exc)}"
+            ) from exc
 
 
-def _torch_export(exported, opset, as_function, optimize):
+def explicit_contiguous_copies(exported) -> int:
+    """Give every ``reshape`` a contiguous input and make copying ``contiguous()`` calls explicit (returns how many).
+
+    The ONNX exporter decomposes the captured program again, with size-oblivious shape
+    reasoning (so that sizes 0 and 1 export). Under it, a ``contiguous()`` of a
+    transposed tensor cannot prove the tensor non-contiguous and returns it unchanged,
+    and a ``reshape`` may decompose into a ``view`` the strides do not allow:
+    ``Cannot view a tensor with shape ... and strides ...``. Measured (torch 2.13,
+    transformers 5.x): the *original* Swin and T5 fail this way (Swin's window
+    partition/reverse; T5's ``attn.transpose(1, 2).contiguous()`` then ``reshape``);
+    the converted T5 failed even once copying ``contiguous()`` calls were made explicit,
+    because its captured program has no ``contiguous`` node between the transpose and
+    the reshape (the original's capture has one; why the converted capture elides it
+    was not established).
+
+    An explicit ``clone(memory_format=contiguous_format)`` before each ``reshape`` keeps
+    the values exactly (a reshape of a copy is the same tensor) and leaves no stride
+    decision to the second decomposition; in ONNX, which has no strides, the copy is an
+    ``Identity`` the optimiser removes. A ``contiguous()`` whose output strides differ
+    from its input's (it copied during the trace) becomes the same ``clone``.
+    """
+    count = 0
+    aten = torch.ops.aten
+    graph = exported.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.contiguous.default:
+            source, result = node.args[0].meta.get("val"), node.meta.get("val")
+            if isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor):
+                if [str(s) for s in source.stride()] != [str(s) for s in result.stride()]:
+                    node.target = aten.clone.default
+                    node.args = (node.args[0],)
+                    node.kwargs = {"memory_format": torch.contiguous_format}
+                    count += 1
+        elif node.target is aten.reshape.default and isinstance(node.args[0], torch.fx.Node):
+            source = node.args[0]
+            if not isinstance(source.meta.get("val"), torch.Tensor):
+                continue
+            with graph.inserting_before(node):
+                copy = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
+            copy.meta = {k: v for k, v in source.meta.items() if k in ("val", "tensor_meta", "stack_trace")}
+            if "val" in copy.meta:
+                copy.meta["val"] = copy.meta["val"].clone(memory_format=torch.contiguous_format)
+            copy.meta.pop("tensor_meta", None)
+            node.replace_input_with(source, copy)
+            count += 1
+    if count:
+        exported.graph_module.recompile()
+    return count
+
+
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+
+
+def _not_exportable(name: str, exc: BaseException) -> NotExportableError:
+    """The exporter's failure as a :class:`NotExportableError` naming the op it could not translate, if one."""
+    reason = _short(exc)
+    missing = _NO_FUNCTION.search(reason)
+    if missing:
+        reason = (
+            f"it calls the op {missing.group(1)}, which has no ONNX translation in the PyTorch exporter "
+            f"(exporter message: {reason})"
+        )
+    else:
+        reason = f"torch.onnx.export failed: {reason}"
+    return NotExportableError(f"{name} is not exportable to ONNX because {reason}")
+
+
+def _torch_export(exported, opset, as_function, optimize, name: str = "the model"):
     """The ONNX translation of a captured program, optimised, with our function attached."""
     import onnxscript
 
@@ -386,7 +493,7 @@ def _torch_export(exported, opset, as_function, optimize):
                     verbose=False,
                 )
         except Exception as exc:  # torch raises many kinds; the user needs the root cause
-            raise ExportError(f"torch.onnx.export failed: {_short(exc)}") from exc
+            raise _not_exportable(name, exc) from exc
     if optimize:
         # what torch.onnx.export(optimize=True) runs; our function is not attached yet, so
         # inlining the exporter's own helper functions leaves the AttnRes call nodes alone
@@ -454,10 +561,8 @@ def export_onnx(
     """
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    step = progress if progress is not None else (lambda _: None)
     opset = _check_opset(opset)
-    if external_data not in (True, False, "auto"):
-        raise ExportError(f"external_data must be True, False or 'auto', got {external_data!r}")
+    _check_external_data(external_data)
     dest = _check_destination(path)
     runtime: Runtime | None = find_runtime() if verify else None
     args, kwargs = _verify.split_inputs(example_inputs)
@@ -468,75 +573,155 @@ def export_onnx(
     if rtol is None:
         rtol = _verify.default_rtol(model)
 
+    def verifier(report: ExportReport, staged: Path, input_dims: list) -> None:
+        _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed)
+
+    return export_file(
+        model,
+        args,
+        kwargs,
+        dest,
+        opset=opset,
+        dynamic=dynamic,
+        dynamic_shapes=dynamic_shapes,
+        as_function=as_function,
+        require_attnres=require_attnres,
+        external_data=external_data,
+        optimize=optimize,
+        notes=notes,
+        verifier=verifier if runtime is not None else None,
+        progress=progress,
+    )
+
+
+def _check_external_data(external_data: Any) -> None:
+    if external_data not in (True, False, "auto"):
+        raise ExportError(f"external_data must be True, False or 'auto', got {external_data!r}")
+
+
+@dataclass
+class IONames:
+    """Names an export gives its graph: inputs and outputs in order, and per input its dynamic axes.
+
+    ``axes`` maps an input name to ``{axis: name}``; a symbol first met on such an axis
+    gets that name everywhere (outputs too, and in expressions such as ``past + seq``).
+    """
+
+    inputs: list[str] | None = None
+    outputs: list[str] | None = None
+    axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def export_file(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    dest: Path,
+    *,
+    opset: int,
+    dynamic: bool,
+    dynamic_shapes: Any,
+    as_function: bool,
+    require_attnres: bool,
+    external_data: bool | str,
+    optimize: bool,
+    notes: list[str],
+    verifier: Callable[[ExportReport, Path, list], None] | None,
+    names: IONames | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """The export pipeline of :func:`export_onnx` on checked arguments (the module docstring lists the steps).
+
+    ``verifier(report, staged_path, input_dims)`` checks the staged file and fills the
+    report's verification fields, raising to keep the file from being written;
+    ``None`` skips verification. Task exporters (:mod:`.decoder`) pass their own
+    verifier and ``names``.
+    """
+    step = progress if progress is not None else (lambda _: None)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     tmpdir = None
     try:
-        start = time.perf_counter()
-        step("capture")
-        _warm_up(model, args, kwargs)
-        exported = _capture(model, args, kwargs, dynamic_shapes)
-        attnres_ops = sum(count_ops(exported.graph_module).values())
-        if attnres_ops == 0:
-            if require_attnres:
-                raise ExportError(
-                    f"{type(model).__name__} has no AttnRes op (torch.ops.attnres.*); convert it first with "
-                    "attnres_rewrite.convert(model, example_inputs), or pass require_attnres=False to export it as is"
-                )
-            notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
-        step("translate")
-        program = _torch_export(exported, opset, as_function, optimize)
-        _rename_outputs(program.model, _output_names(exported))
-        _name_dynamic_axes(program.model)
-        initializer_bytes = sum(
-            v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
-        )
-        external = external_data is True or (external_data == "auto" and initializer_bytes > EXTERNAL_DATA_THRESHOLD)
+        with traceable_experts(model, notes):
+            start = time.perf_counter()
+            step("capture")
+            _warm_up(model, args, kwargs)
+            exported = _capture(model, args, kwargs, dynamic_shapes)
+            explicit_contiguous_copies(exported)
+            attnres_ops = sum(count_ops(exported.graph_module).values())
+            if attnres_ops == 0:
+                if require_attnres:
+                    raise ExportError(
+                        f"{type(model).__name__} has no AttnRes op (torch.ops.attnres.*); convert it first with "
+                        "attnres_rewrite.convert(model, example_inputs), or pass require_attnres=False to export it "
+                        "as is"
+                    )
+                notes.append("the model has no AttnRes op (not converted?); exported as a plain model")
+            step("translate")
+            program = _torch_export(exported, opset, as_function, optimize, type(model).__name__)
+            if names is not None and names.inputs is not None:
+                _rename_inputs(program.model, names.inputs)
+            outputs = names.outputs if names is not None and names.outputs is not None else _output_names(exported)
+            _rename_outputs(program.model, outputs)
+            if names is not None and names.outputs is not None:  # a task's interface: the names are the contract
+                got = [v.name for v in program.model.graph.outputs]
+                if got != names.outputs:
+                    raise ExportError(
+                        f"the exported graph's outputs cannot take the names {names.outputs} (it has {got}: a "
+                        "different count, a name clash or one value returned twice)"
+                    )
+            _name_dynamic_axes(program.model, names.axes if names is not None else None)
+            initializer_bytes = sum(
+                v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
+            )
+            external = external_data is True or (
+                external_data == "auto" and initializer_bytes > EXTERNAL_DATA_THRESHOLD
+            )
 
-        tmpdir = Path(tempfile.mkdtemp(prefix=".attnres-export-", dir=dest.parent))
-        staged = tmpdir / dest.name
-        try:
-            step("save")
-            _save(program, staged, external)
-        except OSError as exc:
-            raise ExportError(f"writing the ONNX file failed: {exc.strerror or exc}") from exc
-        export_seconds = time.perf_counter() - start
+            tmpdir = Path(tempfile.mkdtemp(prefix=".attnres-export-", dir=dest.parent))
+            staged = tmpdir / dest.name
+            try:
+                step("save")
+                _save(program, staged, external)
+            except OSError as exc:
+                raise ExportError(f"writing the ONNX file failed: {exc.strerror or exc}") from exc
+            export_seconds = time.perf_counter() - start
 
-        import onnx
+            import onnx
 
-        try:
-            step("check")
-            onnx.checker.check_model(str(staged), full_check=True)
-        except Exception as exc:  # onnx raises ValidationError / InferenceError
-            raise ExportError(f"the exported model fails onnx.checker: {_short(exc)}") from exc
-        header = onnx.load(str(staged), load_external_data=False)
-        input_names = [v.name for v in header.graph.input]
-        output_names = [v.name for v in header.graph.output]
-        input_dims = _verify.input_dims(header)
-        if dynamic and input_dims and not any(isinstance(d, str) for dims in input_dims for d in dims):
-            notes.append("no input axis is dynamic in the exported graph: the model pins its input shapes")
-        staged_data = tmpdir / f"{dest.name}.data"
-        report = ExportReport(
-            onnx_path=str(dest),
-            opset=opset,
-            ir_version=header.ir_version,
-            as_function=as_function,
-            dynamic=dynamic,
-            attnres_ops=attnres_ops,
-            onnx_functions=[f"{f.domain}.{f.name}" for f in header.functions],
-            external_data=str(dest.parent / staged_data.name) if staged_data.exists() else None,
-            file_bytes=staged.stat().st_size + (staged_data.stat().st_size if staged_data.exists() else 0),
-            input_names=input_names,
-            output_names=output_names,
-            input_shapes=dict(zip(input_names, input_dims)),
-            export_seconds=export_seconds,
-            checker_passed=True,
-            verified=False,
-            notes=notes,
-        )
-        if runtime is not None:
-            step("verify")
-            _run_verification(report, model, args, kwargs, verify_inputs, input_dims, staged, runtime, rtol, atol, seed)
+            try:
+                step("check")
+                onnx.checker.check_model(str(staged), full_check=True)
+            except Exception as exc:  # onnx raises ValidationError / InferenceError
+                raise ExportError(f"the exported model fails onnx.checker: {_short(exc)}") from exc
+            header = onnx.load(str(staged), load_external_data=False)
+            input_names = [v.name for v in header.graph.input]
+            output_names = [v.name for v in header.graph.output]
+            input_dims = _verify.input_dims(header)
+            if dynamic and input_dims and not any(isinstance(d, str) for dims in input_dims for d in dims):
+                notes.append("no input axis is dynamic in the exported graph: the model pins its input shapes")
+            staged_data = tmpdir / f"{dest.name}.data"
+            report = ExportReport(
+                onnx_path=str(dest),
+                opset=opset,
+                ir_version=header.ir_version,
+                as_function=as_function,
+                dynamic=dynamic,
+                attnres_ops=attnres_ops,
+                onnx_functions=[f"{f.domain}.{f.name}" for f in header.functions],
+                external_data=str(dest.parent / staged_data.name) if staged_data.exists() else None,
+                file_bytes=staged.stat().st_size + (staged_data.stat().st_size if staged_data.exists() else 0),
+                input_names=input_names,
+                output_names=output_names,
+                input_shapes=dict(zip(input_names, input_dims)),
+                export_seconds=export_seconds,
+                checker_passed=True,
+                verified=False,
+                notes=notes,
+            )
+            if verifier is not None:
+                step("verify")
+                verifier(report, staged, input_dims)
 
         if staged_data.exists():
             os.replace(staged_data, dest.parent / staged_data.name)
@@ -573,6 +758,8 @@ def _run_verification(report, model, args, kwargs, verify_inputs, input_dims, st
     report.rtol, report.atol = rtol, atol
     report.max_abs_diff = result.max_abs_diff
     report.max_rel_diff = result.max_rel_diff
+    report.outputs = result.per_output()
+    report.notes.extend(result.zero_reference_notes())
     if not result.ok:
         raise VerificationError(
             f"ONNX output differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}) on inputs "

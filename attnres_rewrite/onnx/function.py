@@ -53,12 +53,14 @@ def BlockAttnRes(sources: TFloat, query: TGain, key_gain: TGain, eps: float, sca
     x = op.Cast(sources, to=FLOAT.dtype)
     u = op.Cast(query, to=FLOAT.dtype) * op.Cast(key_gain, to=FLOAT.dtype)
     last = op.Constant(value_ints=[-1])
+    first = op.Constant(value_ints=[0])
     mean_sq = op.ReduceMean(x * x, last, keepdims=1)
-    eps_t = op.Constant(value_float=eps)
+    # (1,), not a scalar: an optimiser that inlines the function would otherwise drop a tiny
+    # eps as "+ 0" (see attnres_rewrite.onnx.translations)
+    eps_t = op.Unsqueeze(op.Constant(value_float=eps), first)
     inv_rms = op.Reciprocal(op.Sqrt(mean_sq + eps_t))
     logits = op.MatMul(x, op.Unsqueeze(u, last)) * inv_rms
     alpha = op.Softmax(logits, axis=0)
-    first = op.Constant(value_ints=[0])
     total = op.ReduceSum(alpha * x, first, keepdims=0)
     scale_t = op.Constant(value_float=scale)
     return op.CastLike(total * scale_t, sources)

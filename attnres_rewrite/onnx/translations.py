@@ -19,6 +19,13 @@ Statistics (RMS, logits, softmax, phase-1 ``o/m/l``) are fp32, or fp64 for fp64
 sources, as the op contract requires; results are cast back to the sources' dtype.
 The phase-1/phase-2 ops only appear in graphs produced by the compile lowering, but
 they are translated too so that such a graph also exports.
+
+The key-norm epsilon is a one-element 1-D constant, never a scalar: onnxscript's
+optimiser (which ``export_onnx`` runs, and which users run on exported files) removes
+``x + c`` as a no-op whenever the scalar ``c`` is within 1e-8 of zero
+(``add_0_rule``), so a scalar ``eps = 1e-12`` (the LayerNorm eps of ViT, DeiT, BEiT)
+disappeared, and a source row of zeros (a zero-initialised class or distillation token
+plus a zero position embedding) gave ``Reciprocal(Sqrt(0))`` = inf and NaN outputs.
 """
 
 from __future__ import annotations
@@ -58,14 +65,20 @@ def _scalar(x: float, dtype: ir.DataType) -> Any:
     return op.Constant(value=ir.tensor(x, dtype=dtype))
 
 
+def _epsilon(eps: float, dtype: ir.DataType) -> Any:
+    """``eps`` as a shape-(1,) constant, which no optimiser mistakes for ``+ 0`` (module docstring)."""
+    return op.Constant(value=ir.tensor([eps], dtype=dtype))
+
+
 def _key_logits(source: Any, u_col: Any, eps: float, stat: ir.DataType) -> tuple[Any, Any]:
     """``(v_f, z)``: the source in the statistics dtype and its logits ``(*, S)``.
 
     ``u_col`` is ``(d, S)`` (one column per query); ``z = (v . u) * rsqrt(mean(v^2) + eps)``.
+    ``mean(v^2)`` keeps its last axis (size 1), so adding the ``(1,)`` epsilon keeps its shape.
     """
     v = _to(source, stat)
     mean_sq = op.ReduceMean(op.Mul(v, v), op.Constant(value_ints=[-1]), keepdims=1)
-    inv_rms = op.Reciprocal(op.Sqrt(op.Add(mean_sq, _scalar(eps, stat))))
+    inv_rms = op.Reciprocal(op.Sqrt(op.Add(mean_sq, _epsilon(eps, stat))))
     return v, op.Mul(op.MatMul(v, u_col), inv_rms)
 
 

@@ -109,6 +109,44 @@ class Verification:
     def ok(self) -> bool:
         return not self.failures
 
+    def per_output(self) -> list[dict[str, Any]]:
+        """One entry per output, worst provider: the differences next to the reference's magnitude.
+
+        ``reference_max_abs`` is ``max|torch|`` of that output: a relative difference of 0
+        against an all-zero reference (``reference_max_abs == 0``) shows only that ONNX is
+        zero too, which :meth:`zero_reference_notes` says.
+        """
+        worst: dict[str, dict[str, Any]] = {}
+        for r in self.results:
+            for d in r.outputs:
+                ok = within_tolerance(d.max_abs_diff, d.torch_max_abs, rtol=self.rtol, atol=self.atol)
+                entry = {
+                    "name": d.name,
+                    "shape": d.shape,
+                    "max_abs_diff": d.max_abs_diff,
+                    "max_rel_diff": d.max_rel_diff,
+                    "reference_max_abs": d.torch_max_abs,
+                    "ok": ok,
+                    "provider": r.provider,
+                }
+                old = worst.get(d.name)
+                if old is None or (old["ok"] and not ok) or (old["ok"] == ok and _worse(d.max_abs_diff, old)):
+                    worst[d.name] = entry
+        return list(worst.values())
+
+    def zero_reference_notes(self) -> list[str]:
+        """A note per output that PyTorch returned as all zeros (its check is vacuous)."""
+        return [
+            f"output {o['name']!r} is all zeros in PyTorch on the verification inputs (reference_max_abs 0): "
+            "its check shows only that onnxruntime returns zeros too"
+            for o in self.per_output()
+            if o["reference_max_abs"] == 0 and np.prod(o["shape"] or [1]) > 0
+        ]
+
+
+def _worse(max_abs: float, old: dict[str, Any]) -> bool:
+    return bool(np.isnan(max_abs) or max_abs > old["max_abs_diff"])
+
 
 def within_tolerance(max_abs: float, scale: float, *, rtol: float, atol: float) -> bool:
     """The pass criterion of every ONNX check: ``max|onnx - torch| <= atol + rtol * max|torch|``.

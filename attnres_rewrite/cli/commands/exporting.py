@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...errors import InvalidInputError
 from .. import common, destination, output
 
 
@@ -19,6 +20,7 @@ def run(
     *,
     adapter: Path | None,
     options: common.ConversionOptions,
+    task: str = "default",
     opset: int | None,
     as_function: bool,
     dynamic: bool,
@@ -29,22 +31,38 @@ def run(
     seed: int,
     as_json: bool,
 ) -> None:
-    destination.check_file(out, force=force)  # before any slow step
+    tasks = ("default", "text-generation-with-past")
+    if task not in tasks:
+        raise InvalidInputError(f"--task {task!r} is not known; use one of: {', '.join(tasks)}")
+    with_past = task == "text-generation-with-past"
+    if with_past:
+        if out.suffix == ".onnx":
+            raise InvalidInputError(f"--task {task} writes a directory (model.onnx inside); -o {out} names a file")
+        if not dynamic:
+            raise InvalidInputError(f"--task {task} needs dynamic axes (the past grows each step); drop --static")
+    # the task writes DIR/model.onnx beside whatever DIR holds: only that file is ever replaced
+    target = out / "model.onnx" if with_past else out
+    destination.check_file(target, force=force)  # before any slow step
     common.check_adapter_or_options(adapter, options)
-    if out.suffix != ".onnx":
+    if not with_past and out.suffix != ".onnx":
         output.note(f"{out} does not end in .onnx; writing ONNX anyway")
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.converted_model(resolved, adapter, options)
     onnx = common.backend("onnx")
-    destination.check_file(out, force=force)  # again: FILE may have appeared while MODEL loaded
-    with destination.writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    destination.check_file(target, force=force)  # again: FILE may have appeared while MODEL loaded
+    with destination.writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
     # --seed also seeds the verification inputs, as in `attnres verify --onnx`
-    kwargs: dict[str, Any] = {"dynamic": dynamic, "as_function": as_function, "verify": verify, "seed": seed}
+    kwargs: dict[str, Any] = {"as_function": as_function, "verify": verify, "seed": seed}
     if opset is not None:
         kwargs["opset"] = opset
-    with output.step(f"Exporting to {out}" + (" and verifying in onnxruntime" if verify else "")) as update:
-        report = onnx.export_onnx(converted, resolved.example_inputs, out, progress=update, **kwargs)
+    with output.step(f"Exporting to {target}" + (" and verifying in onnxruntime" if verify else "")) as update:
+        if with_past:
+            report = onnx.export_decoder_with_past(converted, target, progress=update, **kwargs)
+        else:
+            report = onnx.export_onnx(
+                converted, resolved.example_inputs, target, dynamic=dynamic, progress=update, **kwargs
+            )
     payload = {"model": spec, "adapter": str(adapter) if adapter else None, **report.to_dict()}
     for line in payload.get("notes") or []:
         output.note(line)

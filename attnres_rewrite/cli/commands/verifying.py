@@ -12,6 +12,11 @@ Two checks, on fresh inputs (not the ones the model was traced with):
   (``onnx.verify.verify_file``: same inputs for the same ``--seed``, same fallbacks, same
   default tolerances), so a file ``export`` accepted passes here on the same model.
 
+A file of ``export --task text-generation-with-past`` (or its directory) gets that
+export's own check instead (a prompt with an empty past, then decode steps, logits and
+presents per step) and greedy decoding in onnxruntime vs PyTorch from one prompt: the
+tokens must be equal.
+
 Both checks pass when ``max abs diff <= atol + rtol * max|reference|`` (per output for
 onnx): the criterion of ``export_onnx``.
 
@@ -52,6 +57,8 @@ def run(
     as_json: bool,
 ) -> None:
     common.check_adapter_dir(adapter)
+    if onnx_path is not None and onnx_path.is_dir() and (onnx_path / "model.onnx").is_file():
+        onnx_path = onnx_path / "model.onnx"  # the directory of `export --task text-generation-with-past`
     header = _onnx_header(onnx_path) if onnx_path is not None else None  # before the slow steps
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.load_adapter(resolved, adapter)
@@ -120,6 +127,37 @@ def _check(name: str, max_abs: float, max_rel: float, max_ref: float, atol: floa
     }
 
 
+def _generation_check(decoder, path: Path, model, seed: int, atol: float, rtol: float) -> dict[str, Any]:
+    """A ``--task text-generation-with-past`` file: ``export``'s step check, then greedy tokens vs PyTorch."""
+    try:
+        steps = decoder.verify_steps(str(path), model, rtol=rtol, atol=atol, seed=seed)
+        generation = decoder.compare_generation(str(path), model, seed=seed)
+    except (ExportError, RuntimeError, ValueError) as exc:  # another model's file: shapes or names do not fit
+        raise InvalidInputError(f"{path} does not run with MODEL (exported from another model?): {exc}") from exc
+    records = steps["steps"]
+    max_abs = max(r["worst_max_abs_diff"] for r in records)
+    failures = list(steps["failures"])
+    if not generation["tokens_equal"]:
+        failures.append(
+            f"greedy tokens differ from PyTorch from generated position {generation['first_difference']}: "
+            f"onnx {generation['onnx_tokens']}, torch {generation['torch_tokens']}"
+        )
+    return {
+        "check": "onnx",
+        "task": decoder.TASK,
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max(r["max_abs_diff"] / r["reference_max_abs"] for r in records if r["reference_max_abs"]),
+        "max_ref": max(r["reference_max_abs"] for r in records),
+        "atol": atol,
+        "rtol": rtol,
+        "ok": not failures,
+        "failures": failures,
+        "steps": records,
+        "generation": generation,
+        "notes": [],
+    }
+
+
 def _onnx_header(path: Path) -> Any:
     """The ONNX model in ``path`` without its weights: a missing or foreign file fails before MODEL loads."""
     if not path.is_file():
@@ -151,6 +189,9 @@ def _onnx_check(
     rtol = onnx_verify.default_rtol(converted) if rtol is None else rtol
     atol = onnx_verify.DEFAULT_ATOL if atol is None else atol
     model = converted.eval()
+    decoder = common.backend("onnx.decoder")
+    if decoder.is_task_file([v.name for v in header.graph.input]):
+        return _generation_check(decoder, path, model, seed, atol, rtol)
     try:
         result = onnx_verify.verify_file(str(path), model, args, kwargs, dims, runtime, rtol=rtol, atol=atol, seed=seed)
     except ExportError as exc:  # onnxruntime or the model refuse the inputs: another model's file
@@ -163,7 +204,8 @@ def _onnx_check(
         "rtol": rtol,
         "ok": result.ok,
         "failures": result.failures,
+        "outputs": result.per_output(),
         "providers": result.providers,
         "input_shapes": result.input_shapes,
-        "notes": result.notes,
+        "notes": [*result.notes, *result.zero_reference_notes()],
     }
