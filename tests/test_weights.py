@@ -8,6 +8,7 @@ keep tied weights tied. Bad weights are refused with the names at fault (strictl
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -44,6 +45,19 @@ def _convert(model, inputs, **kw):
         return ar.convert(model, inputs, num_blocks=2, mode="exact", **kw)
 
 
+@pytest.fixture(scope="module")
+def meta_llama():
+    """The tiny Llama converted on meta once; each test attaches weights to its own deep copy."""
+    return _convert(_llama("meta")[0], _llama()[1])
+
+
+@pytest.fixture
+def on_meta(meta_llama):
+    copied = copy.deepcopy(meta_llama)
+    assert all(p.is_meta for p in copied.parameters())
+    return copied
+
+
 def test_gpt2_converted_on_meta_runs_with_real_weights_and_ties_stay_tied():
     real, inputs = _gpt2()
     on_meta = _convert(_gpt2("meta")[0], inputs)
@@ -62,9 +76,9 @@ def test_gpt2_converted_on_meta_runs_with_real_weights_and_ties_stay_tied():
     assert torch.equal(on_meta.get_parameter(plan.key_gain), torch.ones(plan.num_rows, plan.dim))
 
 
-def test_attached_model_trains():
+def test_attached_model_trains(on_meta):
     real, inputs = _llama()
-    on_meta = ar.attach_weights(_convert(_llama("meta")[0], inputs), real)
+    on_meta = ar.attach_weights(on_meta, real)
     on_meta.train()
     (plan,) = on_meta.attnres.plan.streams
     query = on_meta.get_parameter(plan.query)
@@ -80,9 +94,8 @@ def test_attached_model_trains():
     assert query.abs().sum() > 0
 
 
-def test_state_dict_without_non_persistent_buffers_is_refused_and_nothing_changes():
+def test_state_dict_without_non_persistent_buffers_is_refused_and_nothing_changes(on_meta):
     real, inputs = _llama()
-    on_meta = _convert(_llama("meta")[0], inputs)
     with pytest.raises(InvalidInputError, match=r"no weights for .*rotary_emb\.inv_freq.*Pass the original model"):
         ar.attach_weights(on_meta, real.state_dict())
     assert all(p.is_meta for p in on_meta.parameters())
@@ -92,9 +105,8 @@ def test_state_dict_without_non_persistent_buffers_is_refused_and_nothing_change
     assert not any(p.is_meta for p in on_meta.parameters())
 
 
-def test_bad_weights_are_refused():
+def test_bad_weights_are_refused(on_meta):
     real, inputs = _llama()
-    on_meta = _convert(_llama("meta")[0], inputs)
     state = dict(real.named_parameters())
     state.update(real.named_buffers())
     wrong = dict(state, **{"model.norm.weight": torch.ones(41)})
@@ -111,18 +123,16 @@ def test_bad_weights_are_refused():
     assert all(p.is_meta for p in on_meta.parameters())
 
 
-def test_weights_are_cast_to_the_converted_dtype():
+def test_weights_are_cast_to_the_converted_dtype(on_meta):
     real, inputs = _llama()
-    on_meta = _convert(_llama("meta")[0], inputs)
     half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in real.state_dict().items()}
     half.update(real.named_buffers())
     ar.attach_weights(on_meta, half)
     assert {p.dtype for p in on_meta.parameters()} == {torch.float32}
 
 
-def test_names_are_strict_like_load_state_dict():
+def test_names_are_strict_like_load_state_dict(on_meta):
     real, inputs = _llama()
-    on_meta = _convert(_llama("meta")[0], inputs)
     state = dict(real.named_parameters())
     state.update(real.named_buffers())
     extra = dict(state, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(72, 40)})
@@ -139,9 +149,8 @@ def test_names_are_strict_like_load_state_dict():
     torch.testing.assert_close(_call(on_meta, fresh).logits, _call(real, fresh).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_integer_weights_are_not_cast_to_float():
+def test_integer_weights_are_not_cast_to_float(on_meta):
     real, inputs = _llama()
-    on_meta = _convert(_llama("meta")[0], inputs)
     state = dict(real.named_parameters())
     state.update(real.named_buffers())
     state["model.norm.weight"] = torch.ones(40, dtype=torch.int64)
