@@ -9,6 +9,7 @@ which each stream owner's calls are captured, rewritten and outlined per signatu
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -406,10 +407,11 @@ class EquivalenceReport:
 def fresh_inputs(example_inputs: Any, *, batch_delta: int = 1, seq_delta: int = 3, seed: int = 1234) -> Any:
     """Inputs of the example's kinds with another batch size and sequence length.
 
-    Integer tensors get random values below the example's maximum (token ids), 0/1
-    tensors and booleans become all ones (attention masks), float tensors get normal
-    noise with the example's scale. The sequence axis (dim 1 of 2-D integer and 3-D
-    float inputs) grows by ``seq_delta``; use ``seq_delta=0`` for fixed-length models.
+    Integer tensors get random values below the example's maximum (token ids), keeping
+    the example's structure (:func:`_fresh_ids`); 0/1 tensors and booleans become all
+    ones (attention masks); float tensors get normal noise with the example's scale. The
+    sequence axis (dim 1 of 2-D integer and 3-D float inputs) grows by ``seq_delta``;
+    use ``seq_delta=0`` for fixed-length models.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -427,11 +429,37 @@ def fresh_inputs(example_inputs: Any, *, batch_delta: int = 1, seq_delta: int = 
             high = int(t.max()) + 1 if t.numel() else 1
             if high <= 2:
                 return torch.ones(shape, dtype=t.dtype, device=t.device)
+            if t.dim() == 2 and t.numel():
+                return _fresh_ids(t, shape, gen)
             return torch.randint(0, high, shape, generator=gen, dtype=t.dtype).to(t.device)
         std = float(t.float().std()) if t.numel() > 1 else 1.0
         return (torch.randn(shape, generator=gen) * (std or 1.0)).to(dtype=t.dtype, device=t.device)
 
     return pytree.tree_map(make, example_inputs)
+
+
+def _fresh_ids(ids: Tensor, shape: list[int], gen: torch.Generator) -> Tensor:
+    """Token ids of ``shape`` that keep the example's special tokens where it has them.
+
+    An id repeated within a row of the example (an image-token span, padding) is
+    structure rather than text: a multimodal model checks that the number of image
+    tokens matches its images. Row ``i`` keeps the positions of those ids from example
+    row ``i % batch``; every other position (and every position past the example's
+    length) gets an ordinary id, drawn below the example's maximum and never one of
+    the special ids.
+    """
+    rows = ids.cpu()
+    special = sorted({v for row in rows.tolist() for v, n in Counter(row).items() if n > 1})
+    ordinary = torch.tensor([v for v in range(int(rows.max()) + 1) if v not in set(special)], dtype=ids.dtype)
+    if not len(ordinary):  # every id is special: nothing to resample
+        ordinary = torch.tensor(special, dtype=ids.dtype)
+    out = ordinary[torch.randint(0, len(ordinary), shape, generator=gen)]
+    if special:
+        base = rows[torch.arange(shape[0]) % rows.shape[0]]
+        keep = torch.isin(base, torch.tensor(special, dtype=ids.dtype))
+        width = min(shape[1], rows.shape[1])
+        out[:, :width] = torch.where(keep[:, :width], base[:, :width], out[:, :width])
+    return out.to(ids.device)
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import attnres_rewrite as ar
+from attnres_rewrite.api import fresh_inputs
 
 D = 16
 
@@ -222,16 +223,23 @@ class ZeroHead(RandomMasking):
 
 
 class ImageTokens(Stack):
-    """Needs exactly two image tokens (id 49) per row, as a multimodal model needs one per image."""
+    """Needs exactly ``n`` image tokens (id 49) per row, as a multimodal model needs one per image patch."""
 
-    def __init__(self):
+    def __init__(self, n=2):
         super().__init__(CastBackLayer, 2)
+        self.n = n
 
     def forward(self, ids):
         # like a multimodal model's count check: eager only (a trace skips it, as those models' checks do)
-        if not torch.compiler.is_compiling() and not bool(((ids == 49).sum(-1) == 2).all()):
-            raise ValueError("each row needs exactly 2 image tokens")
+        if not torch.compiler.is_compiling() and not bool(((ids == 49).sum(-1) == self.n).all()):
+            raise ValueError(f"each row needs exactly {self.n} image tokens")
         return super().forward(ids)
+
+
+def _image_ids(n, batch=2, seq=8, start=0):
+    ids = torch.randint(0, 49, (batch, seq))
+    ids[:, start : start + n] = 49
+    return ids
 
 
 def test_equivalence_runs_both_models_on_the_same_random_numbers():
@@ -251,17 +259,29 @@ def test_equivalence_on_a_constant_output_is_inconclusive():
     assert report.stream_rms > 0
 
 
-def test_inputs_the_check_cannot_resample_fall_back_to_the_example_or_the_callers():
+def test_fresh_inputs_keep_a_span_of_image_tokens():
+    """Class D: ids repeated within a row are structure (image tokens): kept in place, never drawn elsewhere."""
     torch.manual_seed(0)
-    ids = torch.randint(0, 49, (2, 8))
-    ids[:, :2] = 49
-    model = ImageTokens().eval()
+    ids = _image_ids(3)
+    fresh = fresh_inputs((ids,))[0]
+    assert fresh.shape == (3, 11) and torch.equal((fresh == 49).sum(-1), torch.tensor([3, 3, 3]))
+    assert torch.equal(fresh[:, :3], torch.full((3, 3), 49))
+    model = ImageTokens(3).eval()
+    converted = ar.convert(model, (ids,), mode="exact")
+    report = ar.equivalence(model, converted, (ids,))
+    assert report.inputs == "fresh" and report.input_shapes == [[3, 11]]
+    assert report.max_abs <= 1e-5 * report.max_ref
+
+
+def test_inputs_the_check_cannot_resample_fall_back_to_the_example_or_the_callers():
+    """One image token per row looks like text: resampling loses it, so the check says it ran on the example."""
+    torch.manual_seed(0)
+    ids = _image_ids(1)
+    model = ImageTokens(1).eval()
     converted = ar.convert(model, (ids,), mode="exact")
     report = ar.equivalence(model, converted, (ids,))
     assert report.inputs == "example" and report.max_abs <= 1e-5 * report.max_ref
-    other = torch.randint(0, 49, (2, 11))
-    other[:, 3:5] = 49
-    given = ar.equivalence(model, converted, (ids,), check_inputs=(other,))
+    given = ar.equivalence(model, converted, (ids,), check_inputs=(_image_ids(1, seq=11, start=3),))
     assert given.inputs == "given" and given.input_shapes == [[2, 11]]
     with pytest.raises(ar.errors.InvalidInputError, match="could not run the models on check inputs.*image tokens"):
         ar.equivalence(model, converted, (ids,), check_inputs=(torch.randint(0, 49, (2, 8)),))
@@ -294,9 +314,7 @@ def zero_head():
 
 def image_tokens():
     torch.manual_seed(0)
-    ids = torch.randint(0, 49, (2, 8))
-    ids[:, :2] = 49
-    return ImageTokens().eval(), (ids,)
+    return ImageTokens(1).eval(), (_image_ids(1),)
 
 
 def scan():
@@ -365,8 +383,7 @@ def test_check_inputs_replace_the_ones_the_check_cannot_invent(tmp_path):
     fallback = _cli("convert", "test_detect_classes:image_tokens", "-o", str(tmp_path / "a"), "--json")
     assert _json(fallback)["check_inputs"] == "example"
     assert "ran on the example inputs themselves" in fallback.stderr
-    other = torch.randint(0, 49, (3, 11))
-    other[:, 4:6] = 49
+    other = _image_ids(1, batch=3, seq=11, start=4)
     save_file({"0": other}, tmp_path / "check.safetensors")
     args = ("convert", "test_detect_classes:image_tokens", "--mode", "exact", "--json")
     given = _json(_cli(*args, "-o", str(tmp_path / "b"), "--check-inputs", str(tmp_path / "check.safetensors")))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdapterError, InvalidInputError
+from ..fileio import write_atomic
 
 __all__ = ["save_sharded", "load_sharded", "full_state_dict", "is_sharded"]
 
@@ -82,7 +83,8 @@ def save_sharded(
         from .. import __version__
 
         info = {"format": 1, "versions": {"attnres_rewrite": __version__, "torch": torch.__version__}}
-        (target / _PLAN_FILE).write_text(json.dumps({**info, "plan": plan.to_dict(), "sharded": True}, indent=2))
+        text = json.dumps({**info, "plan": plan.to_dict(), "sharded": True}, indent=2)
+        write_atomic(target / _PLAN_FILE, lambda p: Path(p).write_text(text))  # never a half-written plan
     return target
 
 
