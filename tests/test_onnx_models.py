@@ -59,6 +59,20 @@ def _count_attnres(converted, example) -> int:
     return sum(1 for g in graphs for n in g.graph.nodes if n.op == "call_function" and "attnres" in str(n.target))
 
 
+def _trained(converted, seed=5):
+    """Give the AttnRes parameters the non-zero values of a fine-tuned model, in place.
+
+    Freshly converted queries are zero: every logit is then 0 whatever the key
+    normalisation computes, and the optimiser may fold the aggregations' query columns
+    into one shared constant. Distinct queries and gains make the ONNX logits count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in converted.attnres.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    return converted
+
+
 def _check_export(path, report, converted, example, *, as_function, original=None, rel=1e-4, seq=5):
     """The assertions every converted model gets (see the module docstring)."""
     onnx.checker.check_model(str(path), full_check=True)
@@ -106,6 +120,8 @@ SAMPLE_CASES = [
 def test_converted_sample_exports_and_matches(tmp_path, name, options, as_function):
     model, example = samples.get(name)
     converted = attnres_rewrite.convert(model, example, **options)
+    if options["mode"] == "paper":
+        _trained(converted)
     path = tmp_path / f"{name}.onnx"
     report = export_onnx(converted, example, path, as_function=as_function)
     token_model = not example[0].is_floating_point()
@@ -198,6 +214,8 @@ HF_CASES = [  # (qwen2 is llama's architecture plus biases: its detection is in 
 def test_converted_hf_model_exports_and_matches(tmp_path, kind, options, as_function):
     model, example = _hf_model(kind)
     converted = attnres_rewrite.convert(model, example, **options)
+    if options["mode"] == "paper":
+        _trained(converted)
     path = tmp_path / f"{kind}.onnx"
     report = export_onnx(converted, example, path, as_function=as_function)
     if "input_ids" in example:

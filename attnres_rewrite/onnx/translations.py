@@ -88,24 +88,45 @@ def _query_column(query: Any, key_gain: Any, stat: ir.DataType) -> Any:
     return op.Unsqueeze(u, op.Constant(value_ints=[-1]))
 
 
+def _normalized_key(source: Any, eps: float, stat: ir.DataType) -> tuple[Any, Any]:
+    """``(v_f, v_f * rsqrt(mean(v_f^2) + eps))``: the source in the statistics dtype and its RMS-normalised key.
+
+    Built from the source alone, so every aggregation that reads the same source builds
+    the same nodes and the optimiser's common-subexpression pass keeps one copy: a
+    source is normalised once per graph, not once per sublayer that reads it, and each
+    aggregation adds one ``MatMul`` per source for its logit.
+    """
+    v = _to(source, stat)
+    mean_sq = op.ReduceMean(op.Mul(v, v), op.Constant(value_ints=[-1]), keepdims=1)
+    inv_rms = op.Reciprocal(op.Sqrt(op.Add(mean_sq, _epsilon(eps, stat))))
+    return v, op.Mul(v, inv_rms)
+
+
 def block_attnres_inline(sources: Sequence[Any], query: Any, key_gain: Any, eps: float, scale: float) -> Any:
-    """``attnres::block_attnres`` with a Softmax over the concatenated per-source logits."""
+    """``attnres::block_attnres`` with a Softmax over the concatenated per-source logits.
+
+    Per aggregation of ``K`` sources: ``K`` logit ``MatMul``s against the shared
+    normalised keys, ``Concat``, ``Softmax``, one ``Split`` and ``K`` multiply-adds. At
+    a decode step a node costs more than its arithmetic, so the node count is the cost
+    (benchmarks/onnx.py); the sources are never stacked, so a prefill pays no ``K x d``
+    copy either.
+    """
     sources = list(sources)
     if not sources:
         raise ValueError("attnres.block_attnres has an empty source list; nothing to export")
     stat = _stat_dtype(sources[0])
-    u_col = _query_column(query, key_gain, stat)
-    values, logits = zip(*(_key_logits(s, u_col, eps, stat) for s in sources))
-    if len(values) == 1:
+    if len(sources) == 1:
         # softmax over one source is 1: the aggregate is the source itself (times scale).
         # Identity gives the op a node of its own: the exporter names the op's output, and
         # returning the input value unchanged would hand it an existing graph value.
-        total = op.Identity(values[0])
+        total = op.Identity(_to(sources[0], stat))
     else:
-        alpha = op.Softmax(op.Concat(*logits, axis=-1), axis=-1)
+        u_col = _query_column(query, key_gain, stat)
+        values, keys = zip(*(_normalized_key(s, eps, stat) for s in sources))
+        logits = op.Concat(*(op.MatMul(k, u_col) for k in keys), axis=-1)  # (*, K)
+        weights = op.Split(op.Softmax(logits, axis=-1), axis=-1, num_outputs=len(values))
         total = None
-        for k, v in enumerate(values):
-            weight = op.Gather(alpha, op.Constant(value_ints=[k]), axis=-1)
+        for weight, v in zip(weights, values):
             term = op.Mul(weight, v)
             total = term if total is None else op.Add(total, term)
     if scale != 1.0:
