@@ -11,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's CPU code is C++ built with -O3 for every compiled graph: most of a compile
+# test's time was g++. The tests check what the generated code computes, not how fast
+# it runs, so they build it at -O0 (Inductor's debug-compile switch; read at each build,
+# and inherited by the CLI and torchrun subprocesses). Set it to 0 to test -O3 builds.
+os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")
+
 import pytest  # noqa: E402
 
 # CI runs `pytest -n 2` on two cores: one intra-op thread per worker avoids the

@@ -127,7 +127,9 @@ HF = {"llama": tiny_hf.llama, "gpt2": tiny_hf.gpt2, "t5": tiny_hf.t5, "vit": tin
 @pytest.mark.parametrize("name", sorted(HF))
 def test_sampled_trace_equals_full_trace_on_hf_models(name):
     torch.manual_seed(0)
-    model, inputs = HF[name](5)
+    # four layers are the fewest that sample (first, second and last traced, the third
+    # replicated); T5 has two stacks and two owners to capture, so it gets only that
+    model, inputs = HF[name](4 if name == "t5" else 5)
     model.eval()
     full = capture(model, inputs, trace_depth="full")
     sampled = capture(model, inputs, trace_depth="sampled")
