@@ -223,3 +223,30 @@ def test_cli_refuses_a_decoder_only_model_with_exit_2_before_converting(tmp_path
     )
     assert "Converting" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_converted_mbart_exports_and_generates_like_the_original(tmp_path):
+    """BART-style models take the same path (``encoder_outputs``, an ``EncoderDecoderCache``); mBART is pre-norm,
+    so it converts (BART itself is post-norm), and starts decoding from BOS (no decoder_start_token_id)."""
+    import attnres_rewrite as ar
+
+    torch.manual_seed(0)
+    cfg = T.MBartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        use_cache=False, eos_token_id=None, forced_eos_token_id=None,
+    )  # fmt: skip
+    original = T.MBartForConditionalGeneration(cfg).eval()
+    inputs = {"input_ids": torch.randint(3, 64, (2, 7)), "decoder_input_ids": torch.randint(3, 64, (2, 5))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = ar.convert(original, inputs, num_blocks=2, mode="exact")
+    report = seq2seq.export_seq2seq_with_past(converted, tmp_path)
+    assert report.verified and all(f.attnres_ops > 0 for f in report.files)
+    prompt = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = original.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    start = seq2seq.decoder_start_token(original)
+    got = seq2seq.generate_greedy(tmp_path, prompt.numpy(), 5, decoder_start_token_id=start)
+    np.testing.assert_array_equal(got, want.numpy())

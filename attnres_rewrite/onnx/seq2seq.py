@@ -106,12 +106,18 @@ def _can_generate(model: nn.Module) -> bool:
 
 
 def decoder_start_token(model: nn.Module) -> int:
-    """The id every decoded sequence starts with (``config.decoder_start_token_id``, else the generation config's)."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "decoder_start_token_id", None)
-        if isinstance(value, int):
-            return value
-    raise ExportError(f"{type(model).__name__} has no decoder_start_token_id in its config")
+    """The id every decoded sequence starts with, found as ``generate`` finds it.
+
+    ``decoder_start_token_id`` of the generation config, then of the config; failing
+    both, ``bos_token_id`` (mBART's configs have no start token and start from BOS).
+    """
+    sources = (getattr(model, "generation_config", None), model.config)
+    for name in ("decoder_start_token_id", "bos_token_id"):
+        for source in sources:
+            value = getattr(source, name, None)
+            if isinstance(value, int):
+                return value
+    raise ExportError(f"{type(model).__name__} has no decoder_start_token_id (nor bos_token_id) in its config")
 
 
 # --------------------------------------------------------------------------------------
