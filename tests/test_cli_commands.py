@@ -321,8 +321,10 @@ def test_export_of_a_model_onnx_cannot_express_exits_1_not_2(monkeypatch, tmp_pa
         (["--task", "bogus", "-o", "m.onnx"], "--task 'bogus' is not known"),
         (["--task", "text-generation-with-past", "-o", "m.onnx"], "writes a directory"),
         (["--task", "text-generation-with-past", "-o", "out", "--static"], "needs dynamic axes"),
+        (["--task", "text2text-generation-with-past", "-o", "m.onnx"], "writes a directory (encoder_model.onnx"),
+        (["--task", "text2text-generation-with-past", "-o", "out", "--static"], "needs dynamic axes"),
     ],
-    ids=["unknown", "file", "static"],
+    ids=["unknown", "file", "static", "seq2seq-file", "seq2seq-static"],
 )
 def test_export_task_mistakes_exit_2_before_any_work(tmp_path, flags, message):
     flags = [str(tmp_path / f) if f in ("m.onnx", "out") else f for f in flags]

@@ -178,7 +178,8 @@ def export(
             "--output",
             "-o",
             metavar="FILE.onnx|DIR",
-            help="ONNX file to write; with --task text-generation-with-past, a directory (model.onnx inside).",
+            help="ONNX file to write; with a -with-past --task, a directory (model.onnx, or encoder_model.onnx, "
+            "decoder_model.onnx and decoder_with_past_model.onnx inside).",
             show_default=False,
         ),
     ],
@@ -188,7 +189,8 @@ def export(
         typer.Option(
             "--task",
             help="default: the model's forward on its example; text-generation-with-past: a Hugging Face causal LM "
-            "with its KV cache, under optimum's input and output names.",
+            "with its KV cache, under optimum's input and output names; text2text-generation-with-past: an "
+            "encoder-decoder LM (T5) as optimum's encoder, decoder and decoder-with-past files.",
         ),
     ] = "default",
     opset: Annotated[int | None, typer.Option(min=1, help="ONNX opset (default: the exporter's).")] = None,
@@ -247,7 +249,7 @@ def verify(
         typer.Option(
             "--onnx",
             metavar="FILE.onnx|DIR",
-            help="Also check this exported file (a --task text-generation-with-past directory: also greedy tokens).",
+            help="Also check this exported file (a -with-past --task directory: also greedy tokens).",
             show_default=False,
         ),
     ] = None,

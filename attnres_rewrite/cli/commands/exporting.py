@@ -13,6 +13,15 @@ from typing import Any
 from ...errors import InvalidInputError
 from .. import common, destination, output
 
+SEQ2SEQ = "text2text-generation-with-past"
+TASKS = ("default", "text-generation-with-past", SEQ2SEQ)
+#: The files a directory task writes into ``-o DIR`` (``onnx.seq2seq.FILES`` for the seq2seq task), the only
+#: files of DIR an export ever replaces; kept here so the checks run before the ONNX packages are imported.
+DIRECTORY_FILES: dict[str, tuple[str, ...]] = {
+    "text-generation-with-past": ("model.onnx",),
+    SEQ2SEQ: ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"),
+}
+
 
 def run(
     spec: str,
@@ -31,37 +40,43 @@ def run(
     seed: int,
     as_json: bool,
 ) -> None:
-    tasks = ("default", "text-generation-with-past")
-    if task not in tasks:
-        raise InvalidInputError(f"--task {task!r} is not known; use one of: {', '.join(tasks)}")
-    with_past = task == "text-generation-with-past"
-    if with_past:
+    if task not in TASKS:
+        raise InvalidInputError(f"--task {task!r} is not known; use one of: {', '.join(TASKS)}")
+    files = DIRECTORY_FILES.get(task)
+    if files is not None:
         if out.suffix == ".onnx":
-            raise InvalidInputError(f"--task {task} writes a directory (model.onnx inside); -o {out} names a file")
+            raise InvalidInputError(
+                f"--task {task} writes a directory ({', '.join(files)} inside); -o {out} names a file"
+            )
         if not dynamic:
             raise InvalidInputError(f"--task {task} needs dynamic axes (the past grows each step); drop --static")
-    # the task writes DIR/model.onnx beside whatever DIR holds: only that file is ever replaced
-    target = out / "model.onnx" if with_past else out
-    destination.check_file(target, force=force)  # before any slow step
+    # a directory task writes its files beside whatever DIR holds: only those files are ever replaced
+    targets = [out / name for name in files] if files is not None else [out]
+    _check_targets(targets, force)  # before any slow step
     common.check_adapter_or_options(adapter, options)
-    if not with_past and out.suffix != ".onnx":
+    if files is None and out.suffix != ".onnx":
         output.note(f"{out} does not end in .onnx; writing ONNX anyway")
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
-    converted = common.converted_model(resolved, adapter, options)
     onnx = common.backend("onnx")
-    destination.check_file(target, force=force)  # again: FILE may have appeared while MODEL loaded
-    with destination.writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if task == SEQ2SEQ:
+        onnx.seq2seq.check_model(resolved.model)  # a decoder-only or encoder-only model: refused before converting
+    converted = common.converted_model(resolved, adapter, options)
+    _check_targets(targets, force)  # again: a file may have appeared while MODEL loaded
+    with destination.writing(targets[0]):
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
     # --seed also seeds the verification inputs, as in `attnres verify --onnx`
     kwargs: dict[str, Any] = {"as_function": as_function, "verify": verify, "seed": seed}
     if opset is not None:
         kwargs["opset"] = opset
-    with output.step(f"Exporting to {target}" + (" and verifying in onnxruntime" if verify else "")) as update:
-        if with_past:
-            report = onnx.export_decoder_with_past(converted, target, progress=update, **kwargs)
+    where = out if files is not None and len(files) > 1 else targets[0]
+    with output.step(f"Exporting to {where}" + (" and verifying in onnxruntime" if verify else "")) as update:
+        if task == SEQ2SEQ:
+            report = onnx.export_seq2seq_with_past(converted, out, progress=update, **kwargs)
+        elif files is not None:
+            report = onnx.export_decoder_with_past(converted, targets[0], progress=update, **kwargs)
         else:
             report = onnx.export_onnx(
-                converted, resolved.example_inputs, target, dynamic=dynamic, progress=update, **kwargs
+                converted, resolved.example_inputs, targets[0], dynamic=dynamic, progress=update, **kwargs
             )
     payload = {"model": spec, "adapter": str(adapter) if adapter else None, **report.to_dict()}
     for line in payload.get("notes") or []:
@@ -69,5 +84,11 @@ def run(
     if as_json:
         output.emit_json(payload)
         return
-    keys = ["onnx_path", "opset", "max_abs_diff", "max_rel_diff", "providers"]
+    keys = ["onnx_dir" if task == SEQ2SEQ else "onnx_path", "opset", "max_abs_diff", "max_rel_diff", "providers"]
     output.summary(f"Exported {spec}", [(k.replace("_", " "), payload.get(k)) for k in keys if k in payload])
+
+
+def _check_targets(targets: list[Path], force: bool) -> None:
+    """:func:`destination.check_file` for each file the export writes (``--force`` replaces only ONNX models)."""
+    for target in targets:
+        destination.check_file(target, force=force)

@@ -15,7 +15,9 @@ Two checks, on fresh inputs (not the ones the model was traced with):
 A file of ``export --task text-generation-with-past`` (or its directory) gets that
 export's own check instead (a prompt with an empty past, then decode steps, logits and
 presents per step) and greedy decoding in onnxruntime vs PyTorch from one prompt: the
-tokens must be equal.
+tokens must be equal. A directory of ``export --task text2text-generation-with-past``
+(or one of its three files) gets that export's chained check (encoder, first decoder
+step, decoder with past) and greedy decoding from one padded prompt, tokens equal.
 
 Both checks pass when ``max abs diff <= atol + rtol * max|reference|`` (per output for
 onnx): the criterion of ``export_onnx``.
@@ -32,6 +34,27 @@ from typing import Any
 from ...errors import ExportError, InvalidInputError
 from .. import common, output
 from ..guard import CheckFailed
+
+#: The files of a ``--task text2text-generation-with-past`` directory (``onnx.seq2seq.FILES``).
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def _seq2seq_directory(path: Path) -> Path | None:
+    """The seq2seq export directory ``path`` is or holds a file of; ``None`` when it is neither.
+
+    Decided from file names only (no ONNX import) so a wrong path fails before MODEL
+    loads; a directory with the encoder but not both decoders is refused.
+    """
+    directory = path if path.is_dir() else path.parent if path.name in SEQ2SEQ_FILES else None
+    if directory is None or not (directory / SEQ2SEQ_FILES[0]).is_file():
+        return None
+    missing = [name for name in SEQ2SEQ_FILES if not (directory / name).is_file()]
+    if missing:
+        raise InvalidInputError(
+            f"{directory} holds {SEQ2SEQ_FILES[0]} but not {', '.join(missing)}: an incomplete "
+            "`attnres export --task text2text-generation-with-past` directory; export it again."
+        )
+    return directory
 
 
 def _adapter_rtol(adapter: Path, mode: str) -> float:
@@ -57,9 +80,13 @@ def run(
     as_json: bool,
 ) -> None:
     common.check_adapter_dir(adapter)
-    if onnx_path is not None and onnx_path.is_dir() and (onnx_path / "model.onnx").is_file():
+    seq2seq_dir = _seq2seq_directory(onnx_path) if onnx_path is not None else None
+    if seq2seq_dir is not None:
+        onnx_path = seq2seq_dir  # the directory of `export --task text2text-generation-with-past`
+    elif onnx_path is not None and onnx_path.is_dir() and (onnx_path / "model.onnx").is_file():
         onnx_path = onnx_path / "model.onnx"  # the directory of `export --task text-generation-with-past`
-    header = _onnx_header(onnx_path) if onnx_path is not None else None  # before the slow steps
+    # before the slow steps: a missing or foreign file fails first
+    header = _onnx_header(onnx_path / SEQ2SEQ_FILES[0] if seq2seq_dir else onnx_path) if onnx_path else None
     resolved = common.load_model(spec, batch=batch, seq_len=seq_len, seed=seed)
     converted = common.load_adapter(resolved, adapter)
     checks: list[dict[str, Any]] = []
@@ -76,7 +103,10 @@ def run(
     )
     if onnx_path is not None:
         with output.step(f"Checking {onnx_path} in onnxruntime"):
-            checks.append(_onnx_check(onnx_path, header, converted, resolved.example_inputs, seed, atol, rtol))
+            if seq2seq_dir is not None:
+                checks.append(_seq2seq_check(onnx_path, converted.eval(), seed, atol, rtol))
+            else:
+                checks.append(_onnx_check(onnx_path, header, converted, resolved.example_inputs, seed, atol, rtol))
         for line in checks[-1]["notes"]:
             output.note(line)
     payload = {"model": spec, "adapter": str(adapter), "onnx": str(onnx_path) if onnx_path else None}
@@ -134,6 +164,26 @@ def _generation_check(decoder, path: Path, model, seed: int, atol: float, rtol: 
         generation = decoder.compare_generation(str(path), model, seed=seed)
     except (ExportError, RuntimeError, ValueError) as exc:  # another model's file: shapes or names do not fit
         raise InvalidInputError(f"{path} does not run with MODEL (exported from another model?): {exc}") from exc
+    return _steps_check(decoder.TASK, steps, generation, atol, rtol)
+
+
+def _seq2seq_check(directory: Path, model, seed: int, atol: float | None, rtol: float | None) -> dict[str, Any]:
+    """A ``--task text2text-generation-with-past`` directory: ``export``'s chained check, then greedy tokens."""
+    seq2seq = common.backend("onnx.seq2seq")
+    onnx_verify = common.backend("onnx.verify")
+    rtol = onnx_verify.default_rtol(model) if rtol is None else rtol
+    atol = onnx_verify.DEFAULT_ATOL if atol is None else atol
+    try:
+        seq2seq.check_model(model)
+        steps = seq2seq.verify_steps(seq2seq.paths_in(directory), model, rtol=rtol, atol=atol, seed=seed)
+        generation = seq2seq.compare_generation(directory, model, seed=seed)
+    except (ExportError, RuntimeError, ValueError) as exc:  # another model's files: shapes or names do not fit
+        raise InvalidInputError(f"{directory} does not run with MODEL (exported from another model?): {exc}") from exc
+    return _steps_check(seq2seq.TASK, steps, generation, atol, rtol)
+
+
+def _steps_check(task: str, steps: dict[str, Any], generation: dict[str, Any], atol: float, rtol: float) -> dict:
+    """The ``onnx`` check of a task export from its per-step records and its greedy-token comparison."""
     records = steps["steps"]
     max_abs = max(r["worst_max_abs_diff"] for r in records)
     failures = list(steps["failures"])
@@ -144,7 +194,7 @@ def _generation_check(decoder, path: Path, model, seed: int, atol: float, rtol: 
         )
     return {
         "check": "onnx",
-        "task": decoder.TASK,
+        "task": task,
         "max_abs_diff": max_abs,
         "max_rel_diff": max(r["max_abs_diff"] / r["reference_max_abs"] for r in records if r["reference_max_abs"]),
         "max_ref": max(r["reference_max_abs"] for r in records),
