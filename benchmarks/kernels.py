@@ -308,22 +308,77 @@ def _cpu_vs_sum_row(t: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
     return row
 
 
+def _cpu_decode_row(d: int, k: int, dtype: torch.dtype) -> dict:
+    """Decode size (2 tokens): the per-call overhead, in microseconds (best of 5 means of 500 calls)."""
+    from attnres_rewrite.kernels import cpu_kernels as C
+
+    t = 2
+    srcs = [torch.randn(t, d, dtype=dtype) for _ in range(k)]
+    q, g = torch.randn(d) / d**0.5, torch.ones(d)
+    go = torch.randn(t, d, dtype=dtype)
+    accum = torch.empty(t, d, dtype=dtype)
+
+    def inplace_sum():
+        accum.copy_(srcs[0])
+        for x in srcs[1:]:
+            accum.add_(x)
+
+    fns = {
+        "inplace_sum": inplace_sum,
+        "fused_fwd": lambda: C.attnres_forward(srcs, q, g, EPS, 1.0),  # the kernel and its Python wrapper
+        "op_fwd": lambda: torch.ops.attnres.block_attnres(srcs, q, g, EPS, 1.0),  # + the custom-op dispatch
+        "fused_bwd": lambda: C.attnres_backward(go, srcs, q, g, EPS, 1.0),
+    }
+    best = {name: float("inf") for name in fns}
+    with torch.no_grad():
+        for _ in range(5):
+            for name, fn in fns.items():
+                fn()
+                start = time.perf_counter()
+                for _ in range(500):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - start) / 500 * 1e6)
+    return {"tokens": t, "d": d, "sources": k, **{f"{n}_us": round(v, 2) for n, v in best.items()}}
+
+
+def _warm_malloc() -> None:
+    """Free one 31 MB block, as any model run that frees a tensor of a few MB does.
+
+    glibc then raises its mmap threshold to 31 MB (and its heap trim threshold to twice
+    that). In a fresh process both are low (128 KB, raised only to the largest block
+    freed so far): the K gradients of one backward call, freed together, then exceed
+    the trim threshold, the heap top goes back to the kernel, and the next call faults
+    every page of its outputs in again (about 2000 faults a call at d = 256, K = 9).
+    """
+    block = torch.empty(31 << 20, dtype=torch.uint8)
+    del block
+
+
 def bench_cpu_vs_sum(args) -> dict:
     """CPU: ``block_attnres`` (fused C++ kernel and the PyTorch kernel) against an in-place sum.
 
     The in-place sum of the K sources (``acc.copy_(v_0); acc.add_(v_i)...``) is the floor
     of any aggregation: one read of each source and the accumulator's traffic. Medians
     over rounds that interleave the variants, so load drift on a shared host hits all
-    alike. Forward and forward + backward (hand-written backward of each kernel).
+    alike. Forward and forward + backward (hand-written backward of each kernel). The
+    op's outputs are new tensors (the sum reuses its accumulator), so the allocator's
+    state counts: see :func:`_warm_malloc` (``--cold-malloc`` skips it).
     """
     from attnres_rewrite.kernels import cpu_kernels as C
 
-    rows = []
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if not args.cold_malloc:
+        _warm_malloc()
+    rows, decode = [], []
     dtype = getattr(torch, args.dtype or "float32")
     for d in args.dims or [256, 1024]:
         for k in args.sources or [3, 5, 9]:
             rows.append(_cpu_vs_sum_row((args.tokens or [1024])[0], d, k, dtype, args))
             print(rows[-1], file=sys.stderr, flush=True)
+    for d in args.dims or [256, 1024]:
+        for k in (3, 9):
+            decode.append(_cpu_decode_row(d, k, dtype))
+            print(decode[-1], file=sys.stderr, flush=True)
     return {
         "benchmark": "block_attnres on CPU vs an in-place sum of its sources (benchmarks/kernels.py --cpu-vs-sum)",
         "device_name": platform.processor() or platform.machine(),
@@ -333,8 +388,11 @@ def bench_cpu_vs_sum(args) -> dict:
         "fused_kernel_available": C.available(),
         "rounds": args.rounds,
         "iters": args.iters,
+        "malloc": "cold (fresh process)" if args.cold_malloc else "warm (a 31 MB block freed first)",
+        "load_average_start": load_start,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rows": rows,
+        "decode_rows": decode,
     }
 
 
@@ -354,6 +412,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-vs-sum", action="store_true", help="CPU: the op against an in-place sum of its sources")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--cpu-vs-sum)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for --cpu-vs-sum (0: torch's default)")
+    ap.add_argument(
+        "--cold-malloc", action="store_true", help="--cpu-vs-sum: leave glibc's malloc thresholds at their start values"
+    )
     args = ap.parse_args(argv)
     if args.cpu_vs_sum:
         # One thread by default: spinning OpenMP threads on a shared, oversubscribed host

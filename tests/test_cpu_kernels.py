@@ -35,6 +35,20 @@ CASES = [
     (256, 4, 2048, F32),
     (1000, 2, 5, BF16),
     (64, 17, 64, F16),
+    # widths with every tail: pairs of 16-float vectors, one vector, scalars
+    (255, 3, 5, F32),
+    (255, 4, 9, F16),
+    (47, 5, 11, BF16),
+    # pass 1 runs source by source over blocks of tokens: rows of up to 16 KB a token (K rows,
+    # K + 1 with grad_out) in blocks of 16 KB (above: 64 x 17 fp16 -> 7 tokens, so T = 64 ends
+    # on a partial block), larger ones in blocks of 256 KB; T is not a multiple of the block
+    (1000, 5, 70, F32),  # 20 KB a token: blocks of 13 tokens
+    (1030, 9, 40, F32),
+    (2050, 5, 33, BF16),
+    (1600, 6, 21, F16),
+    (1000, 3, 9, F32),  # forward 12 KB (one token), backward 16 KB (one token): the boundary
+    (1400, 3, 9, BF16),  # forward 8.4 KB (one token), backward 11.2 KB
+    (1500, 5, 130, F16),
 ]
 
 
@@ -83,12 +97,32 @@ def test_forward_and_gradients_match_fp64_reference(case):
         assert not g_q.any() and not g_g.any()
 
 
-def test_threads_layouts_and_the_op_dispatch():
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("d", [255, 1500])  # 1500: token blocks
+def test_16bit_results_are_the_fp32_kernel_rounded_once(dtype, d):
+    """16-bit rows are converted to fp32 exactly and the results rounded once to nearest even:
+    bit for bit the fp32 kernel's results on the same values, rounded by torch (a NaN row too)."""
+    srcs, q, g = _inputs(d, 5, 37, dtype)
+    srcs[2][3, 7] = float("nan")
+    srcs[0] = srcs[0] * 300.0  # large values: fp16 results near overflow
+    go = torch.randn(37, d).to(dtype)
+    wide = [s.float() for s in srcs]
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    out = C.attnres_forward(srcs, q, g, EPS, 3.0)
+    torch.testing.assert_close(out, C.attnres_forward(wide, q, g, EPS, 3.0).to(dtype), **exact)
+    assert out[3].isnan().all() and not out[:3].isnan().any()
+    got, want = C.attnres_backward(go, srcs, q, g, EPS, 3.0), C.attnres_backward(go.float(), wide, q, g, EPS, 3.0)
+    for a, e in zip(got[0], want[0]):
+        torch.testing.assert_close(a, e.to(dtype), **exact)
+
+
+@pytest.mark.parametrize("d", [48, 1100])  # 1100: token blocks of 11, split across threads
+def test_threads_layouts_and_the_op_dispatch(d):
     """Two threads give the same source gradients (grad u: partials summed in thread order);
     (batch, seq) token axes and non-contiguous sources keep their layout; the op uses the kernel."""
-    srcs, q, g = _inputs(48, 5, None, F32, shape=(3, 40))
+    srcs, q, g = _inputs(d, 5, None, F32, shape=(3, 40))
     srcs[1] = srcs[1].transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
-    go = torch.randn(3, 40, 48)
+    go = torch.randn(3, 40, d)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -102,10 +136,30 @@ def test_threads_layouts_and_the_op_dispatch():
     assert one[0][1].stride() == srcs[1].stride()
     want = K.attnres_backward(go, srcs, q, g, EPS, 1.0)
     for a, e in zip([*one[0], one[1], one[2]], [*want[0], want[1], want[2]]):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        assert _err(a, e) < 1e-5  # both about 1e-6 from fp64 (other fp32 summation orders)
     out = torch.ops.attnres.block_attnres(srcs, q, g, EPS, 1.0)
     assert torch.equal(out, C.attnres_forward(srcs, q, g, EPS, 1.0))
     assert out.stride() == srcs[0].stride()
+
+
+@pytest.mark.parametrize("qdtype", [torch.float64, F16, BF16])
+def test_query_and_gain_dtypes_and_strides(qdtype):
+    """query/gain of another dtype than the sources (or strided) are taken as fp32 (q * g in fp32),
+    and their gradients come back in their own dtype."""
+    srcs, q, g = _inputs(33, 4, 6, F32)
+    q = q.to(qdtype)
+    g = torch.stack([g, g], 1)[:, 0]  # strided view, fp32
+    assert not g.is_contiguous()
+    rs = [s.double().requires_grad_(True) for s in srcs]
+    rq, rg = (x.double().requires_grad_(True) for x in (q, g))
+    ref = R.attnres(rs, rq, rg, EPS, 1.0)
+    _check(C.attnres_forward(srcs, q, g, EPS, 1.0), ref, F32, "forward")
+    go = torch.randn(6, 33)
+    want = torch.autograd.grad(ref, [rq, rg], go.double())
+    _, g_q, g_g = C.attnres_backward(go, srcs, q, g, EPS, 1.0)
+    assert g_q.dtype == qdtype and g_g.dtype == F32
+    _check(g_q, want[0], qdtype if qdtype != torch.float64 else F32, "grad query")
+    _check(g_g, want[1], F32, "grad key_gain")
 
 
 def test_what_the_kernels_do_not_cover_falls_back():
