@@ -14,9 +14,6 @@ from attnres_rewrite.adapter import CONFIG_NAME, WEIGHTS_NAME
 from attnres_rewrite.errors import AdapterError, InvalidInputError
 from attnres_rewrite.passes.plan import ConversionPlan
 
-# one xdist worker runs this module (README: --dist loadgroup), so its module fixture is built once
-pytestmark = pytest.mark.xdist_group("test_adapter")
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

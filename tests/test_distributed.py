@@ -18,10 +18,7 @@ import torch
 
 import attnres_rewrite as ar
 
-pytestmark = [
-    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
-    pytest.mark.xdist_group("test_distributed"),  # its module fixture is built once (README: --dist loadgroup)
-]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
 DEADLINE_S = 420  # the workers; their collectives time out after scenarios.TIMEOUT
 

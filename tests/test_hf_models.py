@@ -18,9 +18,6 @@ from attnres_rewrite.passes.capture import capture
 pytest.importorskip("transformers")
 import tiny_hf  # noqa: E402  (needs transformers)
 
-# one xdist worker runs this module (README: --dist loadgroup), so its module fixture is built once
-pytestmark = pytest.mark.xdist_group("test_hf_models")
-
 LAYERS = 2
 
 

@@ -23,9 +23,6 @@ from attnres_rewrite.onnx.decoder import compare_generation
 pytest.importorskip("onnxruntime")
 T = pytest.importorskip("transformers")
 
-# one xdist worker runs this module (README: --dist loadgroup), so its module fixture is built once
-pytestmark = pytest.mark.xdist_group("test_onnx_decoder")
-
 LAYERS = 2
 
 

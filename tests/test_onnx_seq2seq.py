@@ -30,9 +30,6 @@ from attnres_rewrite.onnx.runtime import find_runtime
 pytest.importorskip("onnxruntime")
 T = pytest.importorskip("transformers")
 
-# one xdist worker runs this module (README: --dist loadgroup), so its module fixture is built once
-pytestmark = pytest.mark.xdist_group("test_onnx_seq2seq")
-
 LAYERS = 2
 TASK = "text2text-generation-with-past"
 runner = CliRunner(env={"COLUMNS": "120", "NO_COLOR": "1"})

@@ -21,9 +21,6 @@ from attnres_rewrite.errors import InvalidInputError
 pytest.importorskip("transformers")
 import tiny_hf  # noqa: E402  (needs transformers)
 
-# one xdist worker runs this module (README: --dist loadgroup), so its module fixture is built once
-pytestmark = pytest.mark.xdist_group("test_weights")
-
 
 def _call(model, inputs):
     with torch.no_grad():
