@@ -10,8 +10,10 @@ go to Inductor untouched. The lowering is chosen per device:
 * CUDA: :func:`~.passes.lower.lower_two_phase`, the two-phase schedule (one
   ``block_phase1`` per block over the shared completed blocks, Triton kernels);
 * CPU: :func:`~.passes.lower.decompose`, plain ATen ops that Inductor fuses with
-  their neighbours. The custom ops are opaque to Inductor, and on CPU an opaque call
-  per sublayer (even the fused C++ kernel) loses to what Inductor generates.
+  their neighbours (the custom ops are opaque to Inductor). Against the opaque fused
+  C++ kernel per sublayer (``lowering="single"``) it is a tie within run-to-run spread
+  (1.06-1.07x vs 1.02-1.10x Inductor on the original, benchmarks/README.md), and it
+  needs no C++ compiler for the kernel, so it stays the CPU default.
 
 Options of our own (``options={...}`` of ``torch.compile``; removed before Inductor
 sees the rest):
