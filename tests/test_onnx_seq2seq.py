@@ -194,6 +194,21 @@ def test_cli_refuses_an_existing_file_and_an_incomplete_directory(exported, t5_d
     assert result.exit_code == 2 and "not decoder_model.onnx, decoder_with_past_model.onnx" in result.stderr
 
 
+def test_force_refuses_a_directory_whose_file_of_that_name_is_not_an_onnx_model(exported, t5_dir, tmp_path):
+    """``--force`` replaces only ONNX models: a user's file under one of the three names stops the export before
+    any work, and nothing in the directory is written or removed."""
+    _, _, adapter = exported
+    out = tmp_path / "mine"
+    out.mkdir()
+    notes = out / "decoder_with_past_model.onnx"
+    notes.write_text("my notes, not a model")
+    result = invoke("export", str(t5_dir), "--adapter", str(adapter), "-o", str(out), "--task", TASK, "--force")
+    assert result.exit_code == 2, result.stderr
+    assert "decoder_with_past_model.onnx" in result.stderr and "Converting" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["decoder_with_past_model.onnx"]
+    assert notes.read_text() == "my notes, not a model"
+
+
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
