@@ -12,7 +12,8 @@ go to Inductor untouched. The lowering is chosen per device:
 * CPU: :func:`~.passes.lower.decompose`, plain ATen ops that Inductor fuses with
   their neighbours (the custom ops are opaque to Inductor). Against the opaque fused
   C++ kernel per sublayer (``lowering="single"``) it is a tie within run-to-run spread
-  (1.06-1.07x vs 1.02-1.10x Inductor on the original, benchmarks/README.md), and it
+  (forward 1.06-1.10x vs 1.02-1.10x Inductor on the original over three runs,
+  benchmarks/README.md), and it
   needs no C++ compiler for the kernel, so it stays the CPU default.
 
 Options of our own (``options={...}`` of ``torch.compile``; removed before Inductor
