@@ -13,8 +13,8 @@ go to Inductor untouched. The lowering is chosen per device:
   their neighbours (the custom ops are opaque to Inductor). Against the opaque fused
   C++ kernel per sublayer (``lowering="single"``) it is a tie within run-to-run spread
   (forward 1.06-1.10x vs 1.02-1.10x Inductor on the original over three runs,
-  benchmarks/README.md), and it
-  needs no C++ compiler for the kernel, so it stays the CPU default.
+  benchmarks/README.md), and it needs no C++ compiler for the kernel, so it stays
+  the CPU default.
 
 Options of our own (``options={...}`` of ``torch.compile``; removed before Inductor
 sees the rest):
