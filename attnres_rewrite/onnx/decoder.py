@@ -37,12 +37,12 @@ TASK = "text-generation-with-past"
 TASKS = ("default", TASK)
 
 
-def _cache_support() -> None:
-    """Make ``DynamicCache`` a pytree node, so ``torch.export`` (and a converted owner's capture) can take it."""
+def _cache_support(task: str = TASK) -> None:
+    """Make transformers' caches pytree nodes, so ``torch.export`` (and a converted owner's capture) can take them."""
     try:
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError as exc:  # pragma: no cover - transformers is an extra
-        raise ExportError(f"--task {TASK} needs transformers (pip install transformers): {exc}") from exc
+        raise ExportError(f"--task {task} needs transformers (pip install transformers): {exc}") from exc
     register_dynamic_cache_export_support()
 
 
@@ -301,6 +301,16 @@ def compare_generation(
     }
 
 
+def raise_on_mismatch(result: dict[str, Any], what: str, rtol: float, atol: float) -> None:
+    """:class:`VerificationError` naming the first failed steps of a ``verify_steps`` result that is not ok."""
+    if not result["ok"]:
+        raise VerificationError(
+            f"ONNX {what} differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}): "
+            + "; ".join(result["failures"][:4])
+            + ". No file was written"
+        )
+
+
 def export_decoder_with_past(
     model: nn.Module,
     path: str | Path,
@@ -363,12 +373,7 @@ def export_decoder_with_past(
         report.max_rel_diff = max(
             r["max_abs_diff"] / r["reference_max_abs"] for r in result["steps"] if r.get("reference_max_abs")
         )
-        if not result["ok"]:
-            raise VerificationError(
-                f"ONNX decoder with past differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}): "
-                + "; ".join(result["failures"][:4])
-                + ". No file was written"
-            )
+        raise_on_mismatch(result, "decoder with past", rtol, atol)
 
     report = export_file(
         wrapper,

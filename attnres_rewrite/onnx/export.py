@@ -66,6 +66,17 @@ def max_opset() -> int:
     return min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, however deeply nested, replaced by ``None`` (JSON has no inf/NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class ExportReport:
     """What was exported, where, and how closely onnxruntime matches PyTorch.
@@ -108,17 +119,7 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible dict (non-finite floats become ``None``)."""
-
-        def clean(x):
-            if isinstance(x, float) and not math.isfinite(x):
-                return None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, list):
-                return [clean(v) for v in x]
-            return x
-
-        return clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

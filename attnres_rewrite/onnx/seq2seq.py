@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ExportError, VerificationError
+from ..errors import ExportError
 from . import verify as _verify
+from .decoder import _cache_support, _returned_cache, raise_on_mismatch
 from .export import (
     ExportReport,
     IONames,
@@ -57,6 +58,7 @@ from .export import (
     _check_opset,
     _run_verification,
     export_file,
+    json_safe,
 )
 from .runtime import find_runtime, open_session
 
@@ -124,13 +126,6 @@ def decoder_start_token(model: nn.Module) -> int:
 # The wrapped model: flat tensors in and out
 
 
-def _cache_support() -> None:
-    """Make transformers' caches pytree nodes, as the decoder task does (a converted owner's program takes them)."""
-    from .decoder import _cache_support as support
-
-    support()
-
-
 class Seq2SeqEncoder(nn.Module):
     """``(input_ids, attention_mask) -> last_hidden_state``: the model's encoder, as ``generate`` runs it."""
 
@@ -175,14 +170,6 @@ def _cache_kwarg(model: nn.Module) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _returned_cache(out: Any) -> Any:
-    for name in ("cache", "past_key_values"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    raise ExportError("the model returned no KV cache with use_cache=True")
 
 
 def build_cache(model: nn.Module, past: list[torch.Tensor]):
@@ -534,23 +521,12 @@ class Seq2SeqExportReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["files"] = [f.to_dict() for f in self.files]
-        return _clean(data)
+        return json_safe(data)
 
     def to_json(self, indent: int | None = 2) -> str:
         import json
 
         return json.dumps(self.to_dict(), indent=indent)
-
-
-def _clean(value: Any) -> Any:
-    """Non-finite floats to ``None``, recursively (JSON has no inf/NaN)."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _example(model: nn.Module, seed: int) -> tuple[tuple, tuple]:
@@ -624,7 +600,7 @@ def export_seq2seq_with_past(
     opset = _check_opset(DEFAULT_OPSET if opset is None else opset)
     _check_external_data(external_data)
     dest = _check_directory(directory)
-    _cache_support()
+    _cache_support(TASK)
     runtime = find_runtime() if verify else None
     if rtol is None:
         rtol = _verify.default_rtol(model)
@@ -708,12 +684,7 @@ def _verify_chain(paths, model, runtime, rtol: float, atol: float, steps: int, s
     """:func:`verify_steps` on the staged files; raise :class:`VerificationError` (nothing written) on a mismatch."""
     started = time.perf_counter()
     result = verify_steps(paths, model, steps=steps, rtol=rtol, atol=atol, seed=seed)
-    if not result["ok"]:
-        raise VerificationError(
-            f"ONNX encoder-decoder differs from PyTorch beyond tolerance (rtol={rtol:g}, atol={atol:g}): "
-            + "; ".join(result["failures"][:4])
-            + ". No file was written"
-        )
+    raise_on_mismatch(result, "encoder-decoder", rtol, atol)
     return {**result, "seconds": time.perf_counter() - started, "runtime": f"{runtime.distribution} {runtime.version}"}
 
 
