@@ -266,9 +266,8 @@ def bench_two_phase(t: int, d: int, k: int, dtype: torch.dtype, device: str, arg
     return row
 
 
-def _cpu_vs_sum_row(t: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
-    from attnres_rewrite.kernels import cpu_kernels as C
-
+def _cpu_operands(t: int, d: int, k: int, dtype: torch.dtype):
+    """``(sources, query, gain, grad_out, inplace_sum)``: the op's operands and the baseline it is measured against."""
     srcs = [torch.randn(t, d, dtype=dtype) for _ in range(k)]
     q, g = torch.randn(d) / d**0.5, torch.ones(d)
     go = torch.randn(t, d, dtype=dtype)
@@ -279,6 +278,13 @@ def _cpu_vs_sum_row(t: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
         for x in srcs[1:]:
             accum.add_(x)
 
+    return srcs, q, g, go, inplace_sum
+
+
+def _cpu_vs_sum_row(t: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
+    from attnres_rewrite.kernels import cpu_kernels as C
+
+    srcs, q, g, go, inplace_sum = _cpu_operands(t, d, k, dtype)
     fns = {
         "inplace_sum": inplace_sum,
         "fused_fwd": lambda: C.attnres_forward(srcs, q, g, EPS, 1.0),
@@ -313,16 +319,7 @@ def _cpu_decode_row(d: int, k: int, dtype: torch.dtype) -> dict:
     from attnres_rewrite.kernels import cpu_kernels as C
 
     t = 2
-    srcs = [torch.randn(t, d, dtype=dtype) for _ in range(k)]
-    q, g = torch.randn(d) / d**0.5, torch.ones(d)
-    go = torch.randn(t, d, dtype=dtype)
-    accum = torch.empty(t, d, dtype=dtype)
-
-    def inplace_sum():
-        accum.copy_(srcs[0])
-        for x in srcs[1:]:
-            accum.add_(x)
-
+    srcs, q, g, go, inplace_sum = _cpu_operands(t, d, k, dtype)
     fns = {
         "inplace_sum": inplace_sum,
         "fused_fwd": lambda: C.attnres_forward(srcs, q, g, EPS, 1.0),  # the kernel and its Python wrapper

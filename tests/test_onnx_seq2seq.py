@@ -11,7 +11,6 @@ the cost). The references are independent of the files: the original model's
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 
@@ -19,9 +18,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
+from test_cli_commands import invoke, ok_json
 
-from attnres_rewrite.cli.app import app
 from attnres_rewrite.cli.commands import exporting, verifying
 from attnres_rewrite.errors import ExportError, VerificationError
 from attnres_rewrite.onnx import seq2seq
@@ -32,16 +30,6 @@ T = pytest.importorskip("transformers")
 
 LAYERS = 2
 TASK = "text2text-generation-with-past"
-runner = CliRunner(env={"COLUMNS": "120", "NO_COLOR": "1"})
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def ok_json(result) -> dict:
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
