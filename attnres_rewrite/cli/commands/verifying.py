@@ -34,9 +34,10 @@ from typing import Any
 from ...errors import ExportError, InvalidInputError
 from .. import common, output
 from ..guard import CheckFailed
+from .exporting import DIRECTORY_FILES, SEQ2SEQ
 
-#: The files of a ``--task text2text-generation-with-past`` directory (``onnx.seq2seq.FILES``).
-SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+#: The files of a ``--task text2text-generation-with-past`` directory (``onnx.seq2seq.FILES``), as export writes them.
+SEQ2SEQ_FILES = DIRECTORY_FILES[SEQ2SEQ]
 
 
 def _seq2seq_directory(path: Path) -> Path | None:
