@@ -74,12 +74,18 @@ def _key_logits(source: Any, u_col: Any, eps: float, stat: ir.DataType) -> tuple
     """``(v_f, z)``: the source in the statistics dtype and its logits ``(*, S)``.
 
     ``u_col`` is ``(d, S)`` (one column per query); ``z = (v . u) * rsqrt(mean(v^2) + eps)``.
-    ``mean(v^2)`` keeps its last axis (size 1), so adding the ``(1,)`` epsilon keeps its shape.
     """
     v = _to(source, stat)
+    return v, op.Mul(op.MatMul(v, u_col), _inv_rms(v, eps, stat))
+
+
+def _inv_rms(v: Any, eps: float, stat: ir.DataType) -> Any:
+    """``rsqrt(mean(v^2) + eps)`` as ``(*, 1)``.
+
+    ``mean(v^2)`` keeps its last axis (size 1), so adding the ``(1,)`` epsilon keeps its shape.
+    """
     mean_sq = op.ReduceMean(op.Mul(v, v), op.Constant(value_ints=[-1]), keepdims=1)
-    inv_rms = op.Reciprocal(op.Sqrt(op.Add(mean_sq, _epsilon(eps, stat))))
-    return v, op.Mul(op.MatMul(v, u_col), inv_rms)
+    return op.Reciprocal(op.Sqrt(op.Add(mean_sq, _epsilon(eps, stat))))
 
 
 def _query_column(query: Any, key_gain: Any, stat: ir.DataType) -> Any:
@@ -97,9 +103,7 @@ def _normalized_key(source: Any, eps: float, stat: ir.DataType) -> tuple[Any, An
     aggregation adds one ``MatMul`` per source for its logit.
     """
     v = _to(source, stat)
-    mean_sq = op.ReduceMean(op.Mul(v, v), op.Constant(value_ints=[-1]), keepdims=1)
-    inv_rms = op.Reciprocal(op.Sqrt(op.Add(mean_sq, _epsilon(eps, stat))))
-    return v, op.Mul(v, inv_rms)
+    return v, op.Mul(v, _inv_rms(v, eps, stat))
 
 
 def block_attnres_inline(sources: Sequence[Any], query: Any, key_gain: Any, eps: float, scale: float) -> Any:
