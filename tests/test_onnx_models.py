@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_backend import _randomize_attnres
 
 import attnres_rewrite
 from attnres_rewrite import samples
@@ -57,20 +58,6 @@ def _call(model, inputs):
 def _count_attnres(converted, example) -> int:
     graphs = rewritten_graphs(converted, example).values()
     return sum(1 for g in graphs for n in g.graph.nodes if n.op == "call_function" and "attnres" in str(n.target))
-
-
-def _trained(converted, seed=5):
-    """Give the AttnRes parameters the non-zero values of a fine-tuned model, in place.
-
-    Freshly converted queries are zero: every logit is then 0 whatever the key
-    normalisation computes, and the optimiser may fold the aggregations' query columns
-    into one shared constant. Distinct queries and gains make the ONNX logits count.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in converted.attnres.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=gen))
-    return converted
 
 
 def _check_export(path, report, converted, example, *, as_function, original=None, rel=1e-4, seq=5):
@@ -121,7 +108,7 @@ def test_converted_sample_exports_and_matches(tmp_path, name, options, as_functi
     model, example = samples.get(name)
     converted = attnres_rewrite.convert(model, example, **options)
     if options["mode"] == "paper":
-        _trained(converted)
+        _randomize_attnres(converted)  # as after fine-tuning (zero queries make every logit 0)
     path = tmp_path / f"{name}.onnx"
     report = export_onnx(converted, example, path, as_function=as_function)
     token_model = not example[0].is_floating_point()
@@ -215,7 +202,7 @@ def test_converted_hf_model_exports_and_matches(tmp_path, kind, options, as_func
     model, example = _hf_model(kind)
     converted = attnres_rewrite.convert(model, example, **options)
     if options["mode"] == "paper":
-        _trained(converted)
+        _randomize_attnres(converted)  # as after fine-tuning (zero queries make every logit 0)
     path = tmp_path / f"{kind}.onnx"
     report = export_onnx(converted, example, path, as_function=as_function)
     if "input_ids" in example:
