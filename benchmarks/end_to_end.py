@@ -21,6 +21,11 @@ growth of the resident set during one step: freed heap is returned to the OS
 (``malloc_trim``) and the high-water mark reset (``/proc/self/clear_refs``) first, so
 the figure is what the step itself touches, not what compilation left behind.
 
+``--kernel-breakdown ROUNDS`` also profiles ROUNDS interleaved forwards per variant and
+reports the forward's time per kind of kernel (``forward_kernel_ms``): wall-clock ratios
+on a shared host move by several percent between runs, the attribution shows what the
+conversion itself adds.
+
 Usage: ``python benchmarks/end_to_end.py`` (CPU, small sizes, a few minutes on two
 cores, one thread by default); ``python benchmarks/end_to_end.py --device cuda --sizes 1024x16x2048,2048x16x2048
 --dtype bfloat16`` for the GPU figures the issue asks for.
@@ -150,6 +155,44 @@ def _measure_interleaved(runners: dict, device: str, rounds: int, iters: int) ->
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
+def _kernel_kind(name: str) -> str | None:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matmul"
+    if name.startswith("aten::_scaled_dot_product"):
+        return "attention"
+    if "cpp_fused" in name or "triton_" in name:
+        return "depth_softmax_kernels" if "_softmax" in name else "other_inductor_kernels"
+    if name.startswith("attnres::"):
+        return "attnres_ops"
+    return None
+
+
+def _kernel_breakdown(runners: dict, rounds: int) -> dict:
+    """Forward time per kind of kernel (ms per forward, mean over interleaved profiled rounds).
+
+    Wall-clock ratios on a shared host move by about +-5% between runs, and most of a
+    forward is BLAS matmul whose speed drifts with the host; attributing the time to
+    kernels in one process shows what the conversion itself adds. Kinds: ``matmul``,
+    ``attention`` (SDPA), Inductor kernels that compute a softmax (in these models
+    only the depth softmax of AttnRes: attention is SDPA) and the other Inductor
+    kernels (norms, activations, residual adds), and the ``attnres::`` ops (eager or
+    opaque under Inductor). Needs ``torch._inductor.config.cpp.enable_kernel_profile``
+    set before compiling, which ``--kernel-breakdown`` does.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {name: {} for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runner.forward()
+            for event in prof.key_averages():
+                kind = _kernel_kind(event.key)
+                if kind:
+                    totals[name][kind] = totals[name].get(kind, 0.0) + event.self_cpu_time_total / 1e3 / rounds
+    return {name: {k: round(v, 3) for k, v in sorted(kinds.items())} for name, kinds in totals.items()}
+
+
 def _overheads(row: dict) -> dict:
     out = {}
     pairs = [("converted_inductor", "original_inductor"), ("converted_attnres", "original_inductor")]
@@ -181,6 +224,9 @@ def run_size(dim, layers, seq, args) -> dict:
     for variant, runner in runners.items():
         row[variant].update(timings[variant], train_peak_bytes=_peak_bytes(runner.step, args.device))
         print(f"  {variant}: {row[variant]}", flush=True)
+    if args.kernel_breakdown:
+        row["forward_kernel_ms"] = _kernel_breakdown(runners, args.kernel_breakdown)
+        print(f"  forward kernel ms: {row['forward_kernel_ms']}", flush=True)
     row["overhead_vs_original"] = _overheads(row)
     return row
 
@@ -202,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--kernel-breakdown", type=int, default=0, metavar="ROUNDS",
+        help="also profile ROUNDS interleaved forwards per variant and report ms per kind of kernel (CPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
     )
     args = parser.parse_args(argv)
@@ -214,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     # spinning OpenMP threads on a shared, oversubscribed host cost 10-50x in latency.
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.kernel_breakdown:
+        torch._inductor.config.cpp.enable_kernel_profile = True  # names Inductor's C++ kernels in the profile
     torch.manual_seed(0)
     rows = []
     for dim, layers, seq in _parse_sizes(args.sizes):

@@ -8,6 +8,7 @@ Inductor on CPU builds C++ for every graph.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,51 @@ def test_cpu_default_decomposes_for_inductor():
     assert report.lowering == "decompose" and report.decomposed == report.attnres_nodes == 5
     graphs = dict(report.aot_graphs)
     assert not any(name.startswith("block_") for counts in graphs.values() for name in counts), graphs
+
+
+def _aggregation_kernel_inputs(code: str) -> dict[str, int]:
+    """Inputs (``const`` pointers) of every Inductor C++ kernel that computes a depth softmax."""
+    kernels = re.findall(r"(cpp_fused\w*) = async_compile\.cpp_pybinding\(\[([^\]]*)\]", code)
+    return {name: args.count("'const ") for name, args in kernels if "softmax" in name}
+
+
+def test_cpu_decomposition_reads_each_source_once_per_aggregation():
+    """Block representations and partial sums are written once, not recomputed in every later aggregation.
+
+    4 layers in 2 blocks of 4 sublayers: an aggregation has at most 3 sources (``b_0``,
+    ``b_1``, the partial sum). Under Inductor's default realisation threshold a source
+    that is a sum of up to 4 branch outputs was inlined into each reader, so the last
+    kernels read every branch output of the model (14 inputs here, growing with depth);
+    the backend's CPU default realises them (9 at most here). Besides the 3 sources a
+    kernel may read the query and gain, the next sublayer's norm weight, the embedding
+    table and ids (``b_0`` recomputed from the lookup) and the two terms of a partial
+    sum it computes itself: 10 is the bound.
+    """
+    if DEVICE != "cpu":
+        pytest.skip("the CPU decomposition's Inductor config")
+    from torch._inductor.utils import run_and_get_code
+
+    from attnres_rewrite import samples
+
+    model, inputs = samples.get("llama", layers=4, dropout=0.0)
+    converted, inputs = _converted(model.eval(), inputs, num_blocks=2)
+    reports = []
+    compiled = attnres_rewrite.compile(converted, options={"report_hook": reports.append})
+    with torch.no_grad():
+        got, codes = run_and_get_code(compiled, *inputs)
+        torch.testing.assert_close(got, converted(*inputs), rtol=1e-4, atol=1e-5)
+    reads = _aggregation_kernel_inputs("\n".join(codes))
+    assert len(reads) >= 8, reads
+    assert max(reads.values()) <= 10, reads
+    assert reports[0].inductor_config["realize_reads_threshold"] == 1
+
+
+def test_decomposition_config_yields_to_the_callers_options():
+    from attnres_rewrite.backend import lowering_config
+
+    assert lowering_config("decompose", {})["realize_reads_threshold"] == 1
+    assert lowering_config("decompose", {"realize_reads_threshold": 4}) == {"realize_reads_threshold": 4}
+    assert lowering_config("two_phase", {"epilogue_fusion": False}) == {"epilogue_fusion": False}
 
 
 def test_vit_sample_training():
