@@ -197,6 +197,31 @@ def test_force_refuses_a_directory_whose_file_of_that_name_is_not_an_onnx_model(
     assert notes.read_text() == "my notes, not a model"
 
 
+def test_force_replaces_an_earlier_export_and_keeps_the_users_files(exported, models, t5_dir, tmp_path):
+    """``--force --no-verify`` over an earlier export: the three models are replaced, nothing else is touched.
+
+    One of the old files is a different (still ONNX) model, so the check is that the new
+    files are this model's chain, not that the old bytes were left in place.
+    """
+    out, _, adapter = exported
+    target = tmp_path / "again"
+    target.mkdir()
+    for name in seq2seq.FILES:
+        (target / name).write_bytes((out / name).read_bytes())
+    (target / "decoder_model.onnx").write_bytes((out / "encoder_model.onnx").read_bytes())
+    (target / "README.txt").write_text("my deployment notes")
+    payload = ok_json(
+        invoke("export", str(t5_dir), "--adapter", str(adapter), "-o", str(target), "--task", TASK, "--force",
+               "--no-verify", "--json")
+    )  # fmt: skip
+    assert payload["verified"] is False and payload["task_verification"] == [] and payload["max_abs_diff"] is None
+    assert sorted(p.name for p in target.iterdir()) == sorted([*seq2seq.FILES, "README.txt"])
+    assert (target / "README.txt").read_text() == "my deployment notes"
+    assert _names(target / "decoder_model.onnx")[0] == ["input_ids", "encoder_attention_mask", "encoder_hidden_states"]
+    result = seq2seq.verify_steps(seq2seq.paths_in(target), models[1], steps=2, rtol=1e-4, atol=1e-6, seed=3)
+    assert result["ok"], result["failures"]
+
+
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
