@@ -445,7 +445,7 @@ class StageModule(nn.Module):
 
     def __init__(self, split: PipelineSplit, index: int) -> None:
         super().__init__()
-        from ..runtime.program import compile_graph
+        from ..runtime.codegen import compile_graph
 
         graph = split.stage_graph(index)
         self.index = index
@@ -461,7 +461,8 @@ class StageModule(nn.Module):
         self._cache = split.caches[rank]
         self._chunk = 0
         self._last = index == split.num_stages - 1
-        self._fn, self.source = compile_graph(graph, f"stage{index}")
+        self._fn = compile_graph(graph, f"stage{index}")
+        self.source = self._fn.source
         self.last_sent_bytes = 0
 
     def begin(self, chunk: int) -> None:

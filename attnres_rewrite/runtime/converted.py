@@ -44,6 +44,7 @@ from ..passes.detect import Detection, detect
 from ..passes.outline import Outline, layer_paths, outline
 from ..passes.plan import ConversionPlan, plan_mismatch
 from ..passes.rewrite import AttnResParameters, rewrite
+from ..passes.simplify import drop_trace_assertions
 from .caches import hand_back_caches
 from .distributed import (
     innermost,
@@ -356,6 +357,7 @@ class ConvertedForward(_ForwardOverride):
                 "A call that changes the model's structure (another depth, a skipped layer) cannot run the conversion"
             )
         rewrite(gm, detection, mine, self.attnres)
+        drop_trace_assertions(gm)
         flat = copy_graph_module(gm)
         outlined = outline(gm, self.module, self.path)
         install_layer_forwards(self.module, outlined)

@@ -5,37 +5,26 @@ attribute of the live model when they run: a top function taking the traced modu
 as ``self``, and one function per layer call taking the layer as ``self``. Nothing is
 copied out of the model, so dtype and device moves, FSDP's parameter swaps, weights
 attached later and optimiser steps are all seen by the next call.
+
+The functions come from :mod:`.codegen`: each graph has an eager function (ATen's C++
+entry points, the AttnRes op without the dispatcher where nothing needs it) and a
+traceable one that compilers and tracers see.
 """
 
 from __future__ import annotations
 
-import linecache
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
-from ..passes.outline import Outline, strip_pytree_codegen
+from ..passes.outline import Outline
+from .codegen import GraphCode, compile_graph
 from .compiled import current_compiler
 
-__all__ = ["LayerProgram", "Program", "compile_graph"]
-
-_counter = [0]
-
-
-def compile_graph(graph: fx.Graph, name: str) -> tuple[Callable, str]:
-    """The graph as a Python function ``forward(self, *placeholders)``, and its source (tracebacks show it)."""
-    strip_pytree_codegen(graph)
-    code = graph.python_code(root_module="self")
-    _counter[0] += 1
-    filename = f"<attnres {name} #{_counter[0]}>"
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    namespace = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - our own generated code
-    return namespace["forward"], code.src
+__all__ = ["LayerProgram", "Program"]
 
 
 class LayerProgram:
@@ -46,13 +35,17 @@ class LayerProgram:
     checkpoint around the call still in place.
     """
 
-    __slots__ = ("path", "fn", "source")
+    __slots__ = ("path", "code")
 
-    def __init__(self, path: str, fn: Callable, source: str) -> None:
-        self.path, self.fn, self.source = path, fn, source
+    def __init__(self, path: str, code: GraphCode) -> None:
+        self.path, self.code = path, code
+
+    @property
+    def source(self) -> str:
+        return self.code.source
 
     def __call__(self, layer: nn.Module, *inputs: Any) -> Any:
-        return self.fn(layer, *inputs)
+        return self.code(layer, *inputs)
 
     def __repr__(self) -> str:
         return f"LayerProgram({self.path!r})"
@@ -62,7 +55,7 @@ class LayerProgram:
 class Program:
     """The compiled program of one call signature of one converted module."""
 
-    top: Callable
+    top: GraphCode
     layers: list[LayerProgram]
     constants: tuple
     out_spec: pytree.TreeSpec
@@ -89,8 +82,8 @@ class Program:
     ) -> Program:
         layers = []
         for lg in outline.layers:
-            layers.append(LayerProgram(lg.path, *compile_graph(lg.graph, lg.path)))
-        top, source = compile_graph(outline.top, "top")
+            layers.append(LayerProgram(lg.path, compile_graph(lg.graph, lg.path)))
+        top = compile_graph(outline.top, "top")
         return cls(
             top=top,
             layers=layers,
@@ -101,7 +94,7 @@ class Program:
             static_axes=static_axes,
             notes=[*notes, *outline.notes],
             capture_seconds=time.perf_counter() - started,
-            source=source,
+            source=top.source,
             outline=outline,
         )
 
@@ -122,7 +115,7 @@ class Program:
         compiler = current_compiler()
         if compiler is not None:
             if compiler not in self.compiled:
-                self.compiled[compiler] = compiler(self.top)
+                self.compiled[compiler] = compiler(self.top.traceable)
             top = self.compiled[compiler]
         flat = top(module, attnres, self.layers, self.constants, *tensors)
         return pytree.tree_unflatten(list(flat), self.out_spec)

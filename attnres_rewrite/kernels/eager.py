@@ -1,0 +1,64 @@
+"""``block_attnres`` as a converted model's program calls it when it runs eagerly.
+
+A decode step aggregates one token per sequence, so the op's arithmetic takes a few
+microseconds while the way to it costs several times that: the dispatcher, the
+``custom_op`` autograd wrapper (even under ``no_grad``), a redispatch to the CPU
+kernel and the Python checks; 31 us per call against 10 us for the fused kernel
+itself (1 token, d=64, 3 sources, one thread). A program calls :func:`block_attnres`
+instead of the op: when nothing the dispatcher provides is needed it validates the
+inputs and runs the fused CPU kernel directly, else it calls the op, which is what
+the program's graph records and what compilers, exporters and tracers see.
+
+The dispatcher is needed, and the op is called, when any of these holds:
+
+* a compiler or exporter is tracing (Dynamo folds ``is_compiling()`` to ``True``, so
+  the traced code holds the op node);
+* a tensor is a subclass (fake, functional, ``DTensor``) or a ``TorchDispatchMode``,
+  ``TorchFunctionMode`` or functorch transform is active;
+* autograd records: grad mode is on and a source, the query or the gain requires grad;
+* the profiler is on (so that profiles show ``attnres::block_attnres``);
+* the fused CPU kernel does not cover the call (not CPU, fp64, empty, no compiler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import cpu_kernels as C
+from .checks import check_aggregate
+
+__all__ = ["block_attnres", "runs_direct"]
+
+_PLAIN = (Tensor, nn.Parameter)  # exact types: any subclass may carry its own dispatch
+
+
+def _dispatch_needed() -> bool:
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd.profiler._is_profiler_enabled
+    )
+
+
+def runs_direct(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor) -> bool:
+    """Would :func:`block_attnres` call the fused CPU kernel without the dispatcher?"""
+    if _dispatch_needed():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (query, key_gain, *sources):
+        if type(t) not in _PLAIN or grad and t.requires_grad:
+            return False
+    return C.supports(sources, query, key_gain)
+
+
+def block_attnres(sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float) -> Tensor:
+    """``torch.ops.attnres.block_attnres``, with the same checks and result, minus the dispatcher when unneeded."""
+    if type(sources) is list and sources and runs_direct(sources, query, key_gain):
+        check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
+        return C.attnres_forward(sources, query, key_gain, eps, scale)
+    return torch.ops.attnres.block_attnres.default(sources, query, key_gain, eps, scale)

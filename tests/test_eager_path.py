@@ -1,0 +1,230 @@
+"""How a converted model's programs run eagerly: the AttnRes op without the dispatcher, ATen without Python frames.
+
+``attnres_rewrite.kernels.eager.block_attnres`` must give what the op gives (checked
+against the naive fp64 implementation of test_ops and bit for bit against the op) and
+must call the op whenever something the dispatcher provides is needed: autograd,
+dispatch and function modes, fake tensors, Dynamo, the profiler, dtypes the fused
+kernel does not cover. ``passes.simplify`` may only drop nodes that cannot change a
+result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_ops import BAD_AGGREGATE, EPS, FWD_TOL, agg_inputs, naive_attnres
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnres_rewrite as ar
+from attnres_rewrite import samples
+from attnres_rewrite.kernels import cpu_kernels, eager
+from attnres_rewrite.passes.simplify import drop_trace_assertions
+
+OPS = torch.ops.attnres
+
+needs_cpu_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="no C++ compiler: the fused CPU kernels are off, so is the direct call"
+)
+
+
+@pytest.fixture
+def op_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Calls of ``attnres::block_attnres`` made through its overload (and with it the dispatcher)."""
+    calls = _OverloadCalls(monkeypatch).names
+    return _Only(calls, "attnres.block_attnres.default")
+
+
+class _Only:
+    """The entries of ``names`` equal to ``name``, compared like a list of ones."""
+
+    def __init__(self, names: list[str], name: str) -> None:
+        self.names, self.name = names, name
+
+    def __eq__(self, other: object) -> bool:
+        return [1 for n in self.names if n == self.name] == other
+
+    def __bool__(self) -> bool:
+        return self.name in self.names
+
+    def __repr__(self) -> str:
+        return repr(self.names)
+
+
+class _OverloadCalls:
+    """Counts ``OpOverload.__call__`` (the Python frame the eager code skips), by overload."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        real = torch._ops.OpOverload.__call__
+
+        def counting(op, /, *args, **kwargs):
+            self.names.append(str(op))
+            return real(op, *args, **kwargs)
+
+        monkeypatch.setattr(torch._ops.OpOverload, "__call__", counting)
+
+
+SHAPES = [(1, 1, 1, 1), (1, 1, 64, 2), (2, 1, 127, 9), (2, 7, 3, 33), (3, 5, 256, 4), (1, 300, 33, 3)]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-d{}-K{}".format(*s))
+def test_direct_call_gives_the_ops_result(shape, dtype, op_calls) -> None:
+    b, t, d, k = shape
+    sources, query, gain = agg_inputs((b, t), d, k, dtype=dtype)
+    scale = float(k)
+    with torch.no_grad():
+        assert eager.runs_direct(sources, query, gain)
+        got = eager.block_attnres(sources, query, gain, EPS, scale)
+    assert not op_calls
+    assert got.dtype == dtype and got.shape == (b, t, d)
+    assert torch.equal(got, torch.ops.attnres.block_attnres(sources, query, gain, EPS, scale))
+    tol = FWD_TOL[dtype]
+    torch.testing.assert_close(
+        got.double(), naive_attnres(sources, query, gain, EPS, scale), rtol=tol["rtol"], atol=tol["atol"] * scale
+    )
+
+
+@needs_cpu_kernels
+def test_grad_mode_without_anything_to_record_calls_directly(op_calls) -> None:
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    query, gain = nn.Parameter(query, requires_grad=False), nn.Parameter(gain, requires_grad=False)
+    got = eager.block_attnres(sources, query, gain, EPS, 1.0)
+    assert not op_calls and not got.requires_grad
+    torch.testing.assert_close(got.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("which", ["query", "gain", "source"])
+def test_inputs_that_require_grad_go_through_the_op_and_get_gradients(which: str, op_calls) -> None:
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    leaf = {"query": query, "gain": gain, "source": sources[1]}[which].requires_grad_()
+    out = eager.block_attnres(sources, query, gain, EPS, 2.0)
+    assert op_calls == [1]
+    go = torch.randn(out.shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, leaf, go.float())
+    (want,) = torch.autograd.grad(naive_attnres(sources, query, gain, EPS, 2.0), leaf, go)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_see_the_op(op_calls) -> None:
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    with torch.no_grad(), _Recorder() as mode:
+        got = eager.block_attnres(sources, query, gain, EPS, 1.0)
+    assert op_calls and "attnres.block_attnres.default" in mode.ops  # (the mode calls the overload again)
+    torch.testing.assert_close(got.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.float32])
+
+
+def test_fake_tensors_go_through_the_op(op_calls) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode() as mode, torch.no_grad():
+        sources = [mode.from_tensor(s) for s in agg_inputs((2, 3), 5, 3)[0]]
+        out = eager.block_attnres(sources, torch.ones(5), torch.ones(5), EPS, 1.0)
+    assert op_calls and isinstance(out, FakeTensor) and out.shape == (2, 3, 5)
+
+
+def test_the_profiler_shows_the_op(op_calls) -> None:
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        eager.block_attnres(sources, query, gain, EPS, 1.0)
+    assert op_calls == [1]
+    assert any(e.name == "attnres::block_attnres" for e in prof.events())
+
+
+def test_dynamo_traces_the_op() -> None:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    fn = torch.compile(lambda s, q, g: eager.block_attnres(s, q, g, EPS, 1.0), backend=backend, fullgraph=True)
+    with torch.no_grad():
+        got = fn(sources, query, gain)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.attnres.block_attnres.default in targets
+    torch.testing.assert_close(got.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.float32])
+
+
+def test_fp64_takes_the_op_and_keeps_fp64_statistics(op_calls) -> None:
+    sources, query, gain = agg_inputs((2, 3), 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        got = eager.block_attnres(sources, query, gain, EPS, 1.0)
+    assert op_calls == [1]
+    torch.testing.assert_close(got, naive_attnres(sources, query, gain), **FWD_TOL[torch.float64])
+
+
+@pytest.mark.parametrize(("args", "error", "message"), BAD_AGGREGATE)
+def test_bad_input_gets_the_ops_errors(args, error, message) -> None:
+    with torch.no_grad(), pytest.raises(error, match=message):
+        eager.block_attnres(list(args[0]), *args[1:], EPS, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# A converted model's generated code
+
+
+@needs_cpu_kernels
+def test_converted_model_runs_its_program_without_overload_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = samples.get("llama", layers=2, dropout=0.0)
+    converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        want = model(*inputs)
+        converted(*inputs)  # the first call of this signature captures (and traces: overload calls)
+        calls = _OverloadCalls(monkeypatch)
+        got = converted(*inputs)
+        assert calls.names == []
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    program = ar.api.programs(converted)[""][-1]
+    aggregations = sum(
+        n.target is torch.ops.attnres.block_attnres.default for n in program.flat.graph.nodes if n.op == "call_function"
+    )
+    assert aggregations >= 4
+    # grad mode on (parameters require grad): only the AttnRes op goes through its overload, for its autograd
+    calls.names.clear()
+    got = converted(*inputs)
+    assert calls.names == ["attnres.block_attnres.default"] * aggregations
+    got.float().pow(2).sum().backward()
+    assert all(p.grad is not None for p in converted.attnres.parameters())
+    assert "torch.ops.aten." in program.layers[0].source  # what tracebacks and readers see
+
+
+# --------------------------------------------------------------------------------------
+# passes.simplify
+
+
+class _Casts(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        same = x.to(torch.float32) * 2  # a no-op cast: goes
+        wide = x.to(torch.float64).sum(-1, keepdim=True)  # a real cast: stays
+        copied = x.to(torch.float32, copy=True)  # a copy: stays
+        return same + wide.to(torch.float32) + copied
+
+
+def test_simplify_drops_assertions_and_casts_to_the_same_dtype_only() -> None:
+    x = torch.randn(3, 4)
+    gm = torch.export.export(_Casts(), (x,), strict=False).module()
+    before = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._assert_tensor_metadata.default in before
+    dropped = drop_trace_assertions(gm)
+    after = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._assert_tensor_metadata.default not in [n.target for n in after]
+    casts = [n for n in after if n.target in (torch.ops.aten.to.dtype, torch.ops.aten.to.device)]
+    kept = sorted(str(n.meta["val"].dtype) for n in casts)
+    assert kept == ["torch.float32", "torch.float32", "torch.float64"]  # the copy, the cast back, the real cast
+    assert dropped == len(before) - len(after) and dropped >= 2
+    torch.testing.assert_close(gm(x), _Casts()(x))
