@@ -103,6 +103,36 @@ def test_a_copy_taken_before_a_capture_runs_the_shared_program(llama):
         torch.testing.assert_close(clone(**inputs).logits, want, rtol=0, atol=0)
 
 
+def test_a_layer_whose_override_went_gets_it_back_on_the_next_call():
+    model, inputs = _llama()
+    converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+    with torch.no_grad():
+        want = converted(**inputs).logits
+        converted(**inputs)  # the owner now remembers the program's layers
+        del converted.model.layers[1].forward
+        torch.testing.assert_close(converted(**inputs).logits, want, rtol=0, atol=0)
+    assert "forward" in vars(converted.model.layers[1])
+
+
+def test_state_registered_after_the_first_call_changes_the_program_key():
+    """A buffer registered on a module that held no tensors is part of the next call's key (a new dtype here)."""
+    from attnres_rewrite.passes.call_inputs import CallInputs
+    from attnres_rewrite.runtime.converted import owners
+
+    model, inputs = _llama()
+    converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+    owner = owners(converted)["model"]
+    with torch.no_grad():
+        converted(**inputs)
+    call = CallInputs.of((), dict(inputs))
+    before = owner.kind(call)
+    bare = converted.model.layers[0].mlp.act_fn
+    assert not bare._parameters and not bare._buffers
+    bare.register_buffer("scale", torch.ones(1, dtype=torch.float64))
+    after = owner.kind(call)
+    assert (torch.float64, -1) in after[-1][1] and (torch.float64, -1) not in before[-1][1]
+
+
 def test_conversion_leaves_the_original_alone_and_refuses_a_second_one(llama):
     model, converted, inputs = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import itertools
 import logging
 import sys
 import time
@@ -217,36 +216,46 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
 
 
 _PLAIN = (Tensor, nn.Parameter)  # exact types of tensors that are no subclass (a fast path)
-_STRUCTURE = [0]  # bumped whenever any module registers a submodule (see _watch_structure)
+_STRUCTURE = [0]  # bumped whenever any module registers a submodule, parameter or buffer (see _watch_structure)
 
 
 def _watch_structure() -> None:
-    """Count submodule registrations, so a converted module re-lists its submodules only when they change.
+    """Count submodule, parameter and buffer registrations, so a converted module re-lists its state only then.
 
-    A global module-registration hook, installed once, on first conversion: it makes
-    the per-call state key a pass over a cached list instead of a walk of the module tree.
+    Global registration hooks, installed once, on first conversion: they make the
+    per-call state key a pass over cached lists instead of a walk of the module tree.
+    Replacing a parameter in place (``.data``, ``.to()``, FSDP2's swaps into an existing
+    slot) registers nothing and needs nothing: the key reads every tensor on each call.
     """
     if _STRUCTURE[0] == 0:
         _STRUCTURE[0] = 1
 
-        def bump(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        def bump(module: nn.Module, name: str, value: Any) -> None:
             _STRUCTURE[0] += 1
 
         torch.nn.modules.module.register_module_module_registration_hook(bump)
+        torch.nn.modules.module.register_module_parameter_registration_hook(bump)
+        torch.nn.modules.module.register_module_buffer_registration_hook(bump)
 
 
-def state_key(modules: list[nn.Module]) -> tuple:
+def tensor_slots(modules: list[nn.Module]) -> list[dict]:
+    """The non-empty parameter and buffer dictionaries of ``modules`` (what :func:`state_key` reads)."""
+    return [d for m in modules for d in (m._parameters, m._buffers) if d]
+
+
+def state_key(modules: list[nn.Module], slots: list[dict] | None = None) -> tuple:
     """What of the modules' state a trace bakes in: train/eval flags, and the dtypes and devices of their tensors.
 
     Read on every call: each tensor's dtype and device index, no ``torch.device`` built.
     ``modules`` come from :func:`~.distributed.state_modules` (wrappers around layers left
-    out); a parameter FSDP2 holds sharded counts as the dtype and device it is gathered in.
+    out), ``slots`` from :func:`tensor_slots` of them (computed here when not given); a
+    parameter FSDP2 holds sharded counts as the dtype and device it is gathered in.
     """
-    training = tuple(m.training for m in modules)
+    training = tuple([m.training for m in modules])
     kinds = set()
     sharded = []
-    for m in modules:
-        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+    for slot in tensor_slots(modules) if slots is None else slots:
+        for t in slot.values():
             if t is None:
                 continue
             if type(t) not in _PLAIN and is_distributed_tensor(t):
@@ -267,16 +276,32 @@ class ConvertedForward(_ForwardOverride):
         self.attnres = attnres
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
-        self._modules: tuple[int, list[nn.Module]] = (0, [])  # (structure version, submodules and attnres)
+        self._modules: tuple[int, list[nn.Module], list[dict]] = (0, [], [])  # (structure version, modules, slots)
+        self._layers: tuple[int, Program | None, list[nn.Module]] = (0, None, [])  # (version, program, its layers)
         _watch_structure()
 
     def modules(self) -> list[nn.Module]:
-        """The module's submodules and the AttnRes module, listed again only after a module registration."""
-        version, listed = self._modules
-        if version != _STRUCTURE[0] or not listed:
+        """The module's submodules and the AttnRes module, listed again only after a registration."""
+        return self._listed()[1]
+
+    def _listed(self) -> tuple[int, list[nn.Module], list[dict]]:
+        if self._modules[0] != _STRUCTURE[0] or not self._modules[1]:
             listed = state_modules(self.module, self.attnres)  # checkpoint wrappers left out
-            self._modules = (_STRUCTURE[0], listed)
-        return listed
+            self._modules = (_STRUCTURE[0], listed, tensor_slots(listed))
+        return self._modules
+
+    def _install_layer_forwards(self, program: Program) -> None:
+        """:func:`install_layer_forwards`, with the layers of the latest program remembered until a registration."""
+        version, last, layers = self._layers
+        if (
+            last is program
+            and version == _STRUCTURE[0]
+            and all(type(vars(m).get("forward")) is LayerForward for m in layers)
+        ):
+            return
+        install_layer_forwards(self.module, program)
+        layers = [innermost(self.module.get_submodule(lp.path)) for lp in program.layers]
+        self._layers = (_STRUCTURE[0], program, layers)
 
     def __deepcopy__(self, memo: dict) -> ConvertedForward:
         new = type(self).__new__(type(self))
@@ -286,14 +311,21 @@ class ConvertedForward(_ForwardOverride):
         new.attnres = copy.deepcopy(self.attnres, memo)
         new.programs = self.programs  # programs read the module they run on: a copy can share them
         new.last = None
-        new._modules = (0, [])
+        new._modules = (0, [], [])
+        new._layers = (0, None, [])
         return new
 
     def __getstate__(self) -> dict:
-        return {**vars(self), "programs": ProgramCache(), "last": None, "_modules": (0, [])}
+        return {
+            **vars(self),
+            "programs": ProgramCache(),
+            "last": None,
+            "_modules": (0, [], []),
+            "_layers": (0, None, []),
+        }
 
     def __setstate__(self, state: dict) -> None:
-        vars(self).update(state)
+        vars(self).update({"_modules": (0, [], []), "_layers": (0, None, []), **state})
         _watch_structure()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -320,7 +352,7 @@ class ConvertedForward(_ForwardOverride):
             program = self.capture(call, args, kwargs)
             self.programs.add(kind, program, self.path)
         # a copy made before the capture shares its program, not its layers' overrides
-        install_layer_forwards(self.module, program)
+        self._install_layer_forwards(program)
         self.last = program
         return program, tensors
 
@@ -383,7 +415,8 @@ class ConvertedForward(_ForwardOverride):
 
     def kind(self, call: CallInputs) -> tuple:
         """What a program is keyed by: the call's structure, plain values and tensor metadata, the module's state."""
-        return call.spec, call.constants(), call.tensor_key(), state_key(self.modules())
+        _, modules, slots = self._listed()
+        return call.spec, call.constants(), call.tensor_key(), state_key(modules, slots)
 
     def _where(self, call: CallInputs) -> str:
         return f"{self.path or type(self.module).__name__} (a call with {call.describe()})"
