@@ -10,7 +10,8 @@ built from a config with random weights (nothing downloaded), converted in ``exa
   one decode step over the original's, once every program exists; medians of
   interleaved repeats;
 * ``decode``: time per generated token with the KV cache at prefix 16 and prefix 512,
-  for the original and the converted model; with the cache the converted model's
+  for the original and the converted model (medians of ``--repeats`` interleaved runs
+  of 16 steps); with the cache the converted model's
   decode step costs the same at both prefix lengths, up to attention over the longer
   cache (the original's own ratio is the reference).
 
@@ -60,22 +61,27 @@ def timed(fn) -> float:
 
 
 @torch.no_grad()
-def decode_step_time(model, prefix: int, steps: int, repeats: int) -> float:
-    """Median seconds of one cached decode step after a prefill of ``prefix`` tokens."""
+def decode_step_times(models: list, prefix: int, steps: int, repeats: int) -> list[float]:
+    """Median seconds of one cached decode step after a prefill of ``prefix`` tokens, per model.
+
+    The models take turns within each repeat, so a change in the machine's load hits
+    all of them alike.
+    """
     import transformers
 
     ids = torch.randint(1, 256, (1, prefix))
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        cache = transformers.DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=token, cache=cache, use_cache=True)
+        for model, out_times in zip(models, times):
+            cache = transformers.DynamicCache(config=model.config)
+            out = model(input_ids=ids, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            out_times.append((time.perf_counter() - start) / steps)
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
@@ -129,10 +135,8 @@ def main(argv=None) -> dict:
         decode = {}
         for prefix in (16, 512):
             reference = copy.deepcopy(original)
-            decode[prefix] = {
-                "original_s": decode_step_time(reference, prefix, 8, max(3, args.repeats // 3)),
-                "converted_s": decode_step_time(converted, prefix, 8, max(3, args.repeats // 3)),
-            }
+            original_s, converted_s = decode_step_times([reference, converted], prefix, 16, args.repeats)
+            decode[prefix] = {"original_s": original_s, "converted_s": converted_s}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
         "model": {"family": "LlamaForCausalLM", "layers": args.layers, "dim": args.dim, "mode": "exact", "blocks": 2},
