@@ -114,6 +114,21 @@ def test_a_layer_whose_override_went_gets_it_back_on_the_next_call():
     assert "forward" in vars(converted.model.layers[1])
 
 
+def test_a_layer_swapped_in_without_registration_gets_the_override():
+    """``ModuleList.insert`` and quantization's module swaps write ``_modules`` directly: no hook fires."""
+    model, inputs = _llama()
+    converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+    with torch.no_grad():
+        want = converted(**inputs).logits
+        layers = converted.model.layers
+        fresh = copy.deepcopy(layers[1])  # (copying registers modules: done before the owner caches its layers)
+        del fresh.forward  # a module that never ran under the program
+        converted(**inputs)
+        layers._modules["1"] = fresh
+        torch.testing.assert_close(converted(**inputs).logits, want, rtol=0, atol=0)
+    assert "forward" in vars(fresh)
+
+
 def test_state_registered_after_the_first_call_changes_the_program_key():
     """A buffer registered on a module that held no tensors is part of the next call's key (a new dtype here)."""
     from attnres_rewrite.passes.call_inputs import CallInputs

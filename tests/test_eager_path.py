@@ -143,6 +143,16 @@ def test_the_profiler_shows_the_op(op_calls) -> None:
     assert any(e.name == "attnres::block_attnres" for e in prof.events())
 
 
+def test_jit_trace_records_the_op(op_calls) -> None:
+    """A direct call is invisible to ``torch.jit.trace``: the trace would replay a constant."""
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda a, b: eager.block_attnres([a, b], query, gain, EPS, 1.0), tuple(sources[:2]))
+        assert "attnres::block_attnres" in str(traced.graph)
+        fresh = agg_inputs((2, 3), 5, 3, seed=5)[0][:2]
+        torch.testing.assert_close(traced(*fresh), OPS.block_attnres(fresh, query, gain, EPS, 1.0))
+
+
 def test_dynamo_traces_the_op() -> None:
     graphs = []
 
@@ -228,3 +238,20 @@ def test_simplify_drops_assertions_and_casts_to_the_same_dtype_only() -> None:
     assert kept == ["torch.float32", "torch.float32", "torch.float64"]  # the copy, the cast back, the real cast
     assert dropped == len(before) - len(after) and dropped >= 2
     torch.testing.assert_close(gm(x), _Casts()(x))
+
+
+class _Move(nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * mask.to(x.device, x.dtype)
+
+
+def test_simplify_keeps_device_moves_of_a_capture_on_meta_stand_ins() -> None:
+    """Stand-in captures are traced on meta and retargeted to the compute device: the move is real then."""
+    from attnres_rewrite.runtime.distributed import retarget_devices
+
+    x, mask = torch.randn(2, 4, device="meta"), torch.ones(2, 4, device="meta")
+    gm = torch.export.export(_Move(), (x, mask), strict=False).module()
+    retarget_devices(gm, torch.device("cpu"))
+    drop_trace_assertions(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.to.device in targets or torch.ops.aten.to.dtype_layout in targets

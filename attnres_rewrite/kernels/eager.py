@@ -12,11 +12,13 @@ the program's graph records and what compilers, exporters and tracers see.
 The dispatcher is needed, and the op is called, when any of these holds:
 
 * a compiler or exporter is tracing (Dynamo folds ``is_compiling()`` to ``True``, so
-  the traced code holds the op node);
+  the traced code holds the op node), or ``torch.jit.trace`` is recording (it sees
+  dispatcher calls only: a direct call would be baked in as a constant);
 * a tensor is a subclass (fake, functional, ``DTensor``) or a ``TorchDispatchMode``,
   ``TorchFunctionMode`` or functorch transform is active;
 * autograd records: grad mode is on and a source, the query or the gain requires grad;
-* the profiler is on (so that profiles show ``attnres::block_attnres``);
+* a profiler or other RecordFunction observer is on (so that profiles show
+  ``attnres::block_attnres``);
 * the fused CPU kernel does not cover the call (not CPU, fp64, empty, no compiler).
 """
 
@@ -38,10 +40,11 @@ _PLAIN = (Tensor, nn.Parameter)  # exact types: any subclass may carry its own d
 def _dispatch_needed() -> bool:
     return (
         torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
         or torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
-        or torch.autograd.profiler._is_profiler_enabled
+        or torch._C._autograd._profiler_enabled()
     )
 
 

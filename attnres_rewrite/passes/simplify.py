@@ -8,6 +8,11 @@ is keyed by them: :func:`attnres_rewrite.runtime.converted.state_key`), so the
 assertions cannot fail and a cast to the dtype and device a value already has returns
 the value itself. Run op by op they still cost a dispatch each (2-5 us), about 40 per
 decode step of a 4-layer Llama; compilers drop them anyway.
+
+Casts of values traced on ``meta`` stay: a sharded owner is captured on meta stand-ins
+and its device arguments are pointed at the compute device afterwards
+(:func:`~attnres_rewrite.runtime.distributed.retarget_devices`), so a move that looked
+like meta-to-meta in the trace is a real one when the program runs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def _same_as_input(node: fx.Node) -> bool:
     else:
         positional = node.args[3:]
     if len(positional) >= 2 and positional[1] or len(positional) >= 3 and positional[2] is not None:
+        return False
+    if source.device.type == "meta":  # a capture on meta stand-ins: the run's devices are not the trace's
         return False
     return source.dtype == result.dtype and source.device == result.device
 

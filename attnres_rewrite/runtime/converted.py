@@ -239,8 +239,12 @@ def _watch_structure() -> None:
 
 
 def tensor_slots(modules: list[nn.Module]) -> list[dict]:
-    """The non-empty parameter and buffer dictionaries of ``modules`` (what :func:`state_key` reads)."""
-    return [d for m in modules for d in (m._parameters, m._buffers) if d]
+    """The parameter and buffer dictionaries of ``modules`` (what :func:`state_key` reads).
+
+    Empty ones too: a tensor written straight into one (``_parameters[name] = ...``, no
+    registration) is still read.
+    """
+    return [d for m in modules for d in (m._parameters, m._buffers)]
 
 
 def state_key(modules: list[nn.Module], slots: list[dict] | None = None) -> tuple:
@@ -267,6 +271,32 @@ def state_key(modules: list[nn.Module], slots: list[dict] | None = None) -> tupl
     return training, frozenset(kinds)
 
 
+Slots = list[tuple[dict, str, nn.Module]]
+
+
+def _slots_to(root: nn.Module, path: str) -> tuple[Slots, nn.Module]:
+    """The ``_modules`` entries leading from ``root`` to the innermost module at ``path``, and that module."""
+    hops: Slots = []
+    module = root
+    for name in path.split(".") if path else ():
+        child = module._modules[name]
+        hops.append((module._modules, name, child))
+        module = child
+    inner = innermost(module)
+    while module is not inner:  # through the wrappers: each holds exactly one child
+        ((name, child),) = module._modules.items()
+        hops.append((module._modules, name, child))
+        module = child
+    return hops, module
+
+
+def _in_place(hops: Slots, layer: nn.Module) -> bool:
+    return (
+        all(slots.get(name) is child for slots, name, child in hops)
+        and type(vars(layer).get("forward")) is LayerForward
+    )
+
+
 class ConvertedForward(_ForwardOverride):
     """The ``forward`` of a module that owns converted streams: runs the program of each call's signature."""
 
@@ -277,7 +307,7 @@ class ConvertedForward(_ForwardOverride):
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
         self._modules: tuple[int, list[nn.Module], list[dict]] = (0, [], [])  # (structure version, modules, slots)
-        self._layers: tuple[int, Program | None, list[nn.Module]] = (0, None, [])  # (version, program, its layers)
+        self._layers: tuple[int, Program | None, list[tuple[Slots, nn.Module]]] = (0, None, [])  # version, program, layers
         _watch_structure()
 
     def modules(self) -> list[nn.Module]:
@@ -291,16 +321,17 @@ class ConvertedForward(_ForwardOverride):
         return self._modules
 
     def _install_layer_forwards(self, program: Program) -> None:
-        """:func:`install_layer_forwards`, with the layers of the latest program remembered until a registration."""
+        """:func:`install_layer_forwards`, skipped while the latest program's layers are still in their slots.
+
+        A layer's slots are the ``_modules`` entries from the owner down to it, through
+        wrappers: a layer swapped in by a direct ``_modules`` write (``ModuleList.insert``,
+        quantization's module swaps) registers nothing, so the slots themselves are compared.
+        """
         version, last, layers = self._layers
-        if (
-            last is program
-            and version == _STRUCTURE[0]
-            and all(type(vars(m).get("forward")) is LayerForward for m in layers)
-        ):
+        if last is program and version == _STRUCTURE[0] and all(_in_place(hops, m) for hops, m in layers):
             return
         install_layer_forwards(self.module, program)
-        layers = [innermost(self.module.get_submodule(lp.path)) for lp in program.layers]
+        layers = [_slots_to(self.module, lp.path) for lp in program.layers]
         self._layers = (_STRUCTURE[0], program, layers)
 
     def __deepcopy__(self, memo: dict) -> ConvertedForward:
