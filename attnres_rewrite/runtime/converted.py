@@ -307,7 +307,11 @@ class ConvertedForward(_ForwardOverride):
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
         self._modules: tuple[int, list[nn.Module], list[dict]] = (0, [], [])  # (structure version, modules, slots)
-        self._layers: tuple[int, Program | None, list[tuple[Slots, nn.Module]]] = (0, None, [])  # version, program, layers
+        self._layers: tuple[int, Program | None, list[tuple[Slots, nn.Module]]] = (
+            0,
+            None,
+            [],
+        )  # version, program, layers
         _watch_structure()
 
     def modules(self) -> list[nn.Module]:
