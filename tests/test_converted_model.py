@@ -309,6 +309,35 @@ class DropoutStack(nn.Module):
         return self.head(x)
 
 
+def test_autocast_runs_like_the_original_under_autocast():
+    """bf16 autocast on CPU, the first call of the converted model under it (the capture is made with it off).
+
+    Exact mode equals the original, so the converted logits must sit within the
+    original's own autocast rounding (its distance from the fp32 logits).
+    """
+    model, inputs = _llama()
+    converted = ar.convert(model, inputs, num_blocks=2, mode="exact")
+    labels = inputs["input_ids"]
+    with torch.no_grad():
+        full = model(**inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            want = model(**inputs).logits
+            got = converted(**inputs).logits
+        loss = converted(**inputs, labels=labels).loss
+        want_loss = model(**inputs, labels=labels).loss
+    assert got.dtype == want.dtype == torch.bfloat16
+    rounding = (want.float() - full).abs().max().item()
+    assert 0 < rounding < 0.05 * full.abs().max().item()
+    assert (got.float() - want.float()).abs().max().item() <= 2 * rounding
+    loss.backward()
+    torch.testing.assert_close(loss.float(), want_loss.float(), rtol=0.02, atol=0.0)
+    grads = {n: p.grad for n, p in converted.attnres.named_parameters()}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # the queries start at zero (exact mode), so only their gradients are non-zero after one step
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("query"))
+
+
 def test_train_and_eval_switch_dropout():
     torch.manual_seed(0)
     model = DropoutStack().eval()

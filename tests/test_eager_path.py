@@ -177,10 +177,25 @@ def test_fp64_takes_the_op_and_keeps_fp64_statistics(op_calls) -> None:
     torch.testing.assert_close(got, naive_attnres(sources, query, gain), **FWD_TOL[torch.float64])
 
 
-@pytest.mark.parametrize(("args", "error", "message"), BAD_AGGREGATE)
+@pytest.mark.parametrize(
+    ("args", "error", "message"), [case for case in BAD_AGGREGATE if "dtype torch.float64 but" not in case[2]]
+)
 def test_bad_input_gets_the_ops_errors(args, error, message) -> None:
     with torch.no_grad(), pytest.raises(error, match=message):
         eager.block_attnres(list(args[0]), *args[1:], EPS, 1.0)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_are_promoted_as_the_residual_add_was(low: torch.dtype) -> None:
+    """Under autocast a branch output is bf16/fp16 and the stream fp32: ``h + f(h)`` was fp32."""
+    sources, query, gain = agg_inputs((2, 3), 5, 3)
+    sources[1] = sources[1].to(low).requires_grad_()
+    out = eager.block_attnres(sources, query, gain, EPS, 2.0)
+    assert out.dtype == torch.float32
+    want = naive_attnres([s.float() for s in sources], query, gain, EPS, 2.0)
+    torch.testing.assert_close(out.double(), want, **FWD_TOL[torch.float32])
+    out.sum().backward()
+    assert sources[1].grad.dtype == low and torch.isfinite(sources[1].grad.float()).all()
 
 
 # --------------------------------------------------------------------------------------
@@ -219,39 +234,19 @@ def test_converted_model_runs_its_program_without_overload_frames(monkeypatch: p
 
 class _Casts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        same = x.to(torch.float32) * 2  # a no-op cast: goes
-        wide = x.to(torch.float64).sum(-1, keepdim=True)  # a real cast: stays
-        copied = x.to(torch.float32, copy=True)  # a copy: stays
-        return same + wide.to(torch.float32) + copied
+        same = x.to(torch.float32) * 2  # a cast that looks like a no-op: real under autocast
+        wide = x.to(torch.float64).sum(-1, keepdim=True)
+        return same + wide.to(torch.float32)
 
 
-def test_simplify_drops_assertions_and_casts_to_the_same_dtype_only() -> None:
+def test_simplify_drops_the_assertions_and_keeps_every_cast() -> None:
     x = torch.randn(3, 4)
     gm = torch.export.export(_Casts(), (x,), strict=False).module()
-    before = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.ops.aten._assert_tensor_metadata.default in before
-    dropped = drop_trace_assertions(gm)
-    after = [n for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.ops.aten._assert_tensor_metadata.default not in [n.target for n in after]
-    casts = [n for n in after if n.target in (torch.ops.aten.to.dtype, torch.ops.aten.to.device)]
-    kept = sorted(str(n.meta["val"].dtype) for n in casts)
-    assert kept == ["torch.float32", "torch.float32", "torch.float64"]  # the copy, the cast back, the real cast
-    assert dropped == len(before) - len(after) and dropped >= 2
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    asserts = calls.count(torch.ops.aten._assert_tensor_metadata.default)
+    assert asserts >= 3
+    assert drop_trace_assertions(gm) == asserts
+    after = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert after == [t for t in calls if t is not torch.ops.aten._assert_tensor_metadata.default]
+    assert after.count(torch.ops.aten.to.dtype) == 3
     torch.testing.assert_close(gm(x), _Casts()(x))
-
-
-class _Move(nn.Module):
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return x * mask.to(x.device, x.dtype)
-
-
-def test_simplify_keeps_device_moves_of_a_capture_on_meta_stand_ins() -> None:
-    """Stand-in captures are traced on meta and retargeted to the compute device: the move is real then."""
-    from attnres_rewrite.runtime.distributed import retarget_devices
-
-    x, mask = torch.randn(2, 4, device="meta"), torch.ones(2, 4, device="meta")
-    gm = torch.export.export(_Move(), (x, mask), strict=False).module()
-    retarget_devices(gm, torch.device("cpu"))
-    drop_trace_assertions(gm)
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.ops.aten.to.device in targets or torch.ops.aten.to.dtype_layout in targets

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import cpu_kernels as C
 from .checks import check_aggregate
 
-__all__ = ["block_attnres", "runs_direct"]
+__all__ = ["block_attnres", "promoted", "runs_direct"]
 
 _PLAIN = (Tensor, nn.Parameter)  # exact types: any subclass may carry its own dispatch
 
@@ -59,8 +59,29 @@ def runs_direct(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor) -> b
     return C.supports(sources, query, key_gain)
 
 
+def promoted(sources: list[Tensor]) -> list[Tensor]:
+    """``sources`` cast to their common dtype when they differ, as the residual adds they replace promoted.
+
+    Under autocast a branch ends in a low-precision matmul while the stream it joins
+    stays fp32 (the embedding, earlier sums): the original model's ``h + f(h)`` promoted
+    to fp32, so the aggregation reads the sources in fp32 and returns fp32. The op itself
+    takes one dtype and says so.
+    """
+    if not all(isinstance(s, Tensor) for s in sources):
+        return sources  # the op names what is wrong
+    first = sources[0].dtype
+    if all(s.dtype == first for s in sources):
+        return sources
+    common = first
+    for s in sources[1:]:
+        common = torch.promote_types(common, s.dtype)
+    return [s.to(common) for s in sources]
+
+
 def block_attnres(sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float) -> Tensor:
-    """``torch.ops.attnres.block_attnres``, with the same checks and result, minus the dispatcher when unneeded."""
+    """``torch.ops.attnres.block_attnres`` of the promoted sources, minus the dispatcher when unneeded."""
+    if type(sources) is list and len(sources) > 1:
+        sources = promoted(sources)
     if type(sources) is list and sources and runs_direct(sources, query, key_gain):
         check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
         return C.attnres_forward(sources, query, key_gain, eps, scale)

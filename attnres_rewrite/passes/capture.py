@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +160,23 @@ def tensor_forward(model: nn.Module, inputs: CallInputs) -> Iterator[None]:
             object.__delattr__(model, "forward")
 
 
+@contextmanager
+def autocast_off() -> Iterator[None]:
+    """Trace as without autocast, whatever the caller has on.
+
+    A trace under autocast records the casts it makes (the residual adds become mixed
+    ``bf16 + fp32`` adds behind casts, which detection does not recognise as a stream),
+    and the program would depend on a state its key does not hold. Traced without it,
+    the graph's ATen calls meet autocast again when a program runs under it, as the
+    original model's would.
+    """
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda", "xpu", "mps"):
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 def _export(model: nn.Module, inputs: CallInputs, dynamic: bool) -> torch.export.ExportedProgram:
     # a view (ids[:, :-1], a rank's rows) would be traced with guards on its base's sizes, which a later call's
     # plain tensor has no base to answer (AttributeError on None._base); trace a copy instead
@@ -167,7 +184,7 @@ def _export(model: nn.Module, inputs: CallInputs, dynamic: bool) -> torch.export
         t if t._base is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs.tensors
     )
     shapes = (tuple(capture_axes(t) for t in tensors),) if dynamic else None
-    with warnings.catch_warnings(), tensor_forward(model, inputs):
+    with warnings.catch_warnings(), tensor_forward(model, inputs), autocast_off():
         warnings.simplefilter("ignore")
         return torch.export.export(model, tensors, strict=False, dynamic_shapes=shapes)
 

@@ -1,18 +1,18 @@
-"""Simplify: drop the nodes of a captured graph that cannot do anything when its program runs.
+"""Simplify: drop the dtype assertions ``torch.export`` adds around each cast of a captured graph.
 
 ``torch.export`` records each ``x.to(dtype)`` of the model's code as an
-``aten._assert_tensor_metadata`` (the dtype and device ``x`` had in the trace) and an
-``aten.to``. A converted program only runs for calls whose tensors, and whose module's
-parameters and buffers, have the dtypes and devices of its capture (the program cache
-is keyed by them: :func:`attnres_rewrite.runtime.converted.state_key`), so the
-assertions cannot fail and a cast to the dtype and device a value already has returns
-the value itself. Run op by op they still cost a dispatch each (2-5 us), about 40 per
-decode step of a 4-layer Llama; compilers drop them anyway.
+``aten._assert_tensor_metadata`` (the dtype and device ``x`` had in the trace) followed
+by the ``aten.to``. In a converted program they cost a dispatch each (4.6 us, 22 per
+decode step of a 4-layer Llama). Without autocast they cannot fail: a program only runs
+for the dtypes and devices it was captured with
+(:func:`attnres_rewrite.runtime.converted.state_key`). Under autocast they could fail
+where the model is fine: a program captured without autocast (captures are made with it
+off, :func:`.capture.autocast_off`) also runs under it, and there a value the trace saw
+in fp32 may be a bf16 matmul output.
 
-Casts of values traced on ``meta`` stay: a sharded owner is captured on meta stand-ins
-and its device arguments are pointed at the compute device afterwards
-(:func:`~attnres_rewrite.runtime.distributed.retarget_devices`), so a move that looked
-like meta-to-meta in the trace is a real one when the program runs.
+The casts themselves stay. A cast to the dtype a value had in the trace looks like a
+no-op, but under autocast (or on a capture made on meta stand-ins and retargeted to the
+compute device) it is a real one.
 """
 
 from __future__ import annotations
@@ -22,43 +22,16 @@ from torch import fx
 
 __all__ = ["drop_trace_assertions"]
 
-_aten = torch.ops.aten
-
-
-def _same_as_input(node: fx.Node) -> bool:
-    """``node`` is an ``aten.to`` that returns its input: same dtype (and device), no copy or layout change."""
-    if node.target not in (_aten.to.dtype, _aten.to.device) or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.kwargs.get("copy") or node.kwargs.get("memory_format") is not None:
-        return False
-    source, result = node.args[0].meta.get("val"), node.meta.get("val")
-    if not isinstance(source, torch.Tensor) or not isinstance(result, torch.Tensor):
-        return False
-    if node.target is _aten.to.dtype:
-        positional = node.args[2:]  # non_blocking, copy, memory_format
-    else:
-        positional = node.args[3:]
-    if len(positional) >= 2 and positional[1] or len(positional) >= 3 and positional[2] is not None:
-        return False
-    if source.device.type == "meta":  # a capture on meta stand-ins: the run's devices are not the trace's
-        return False
-    return source.dtype == result.dtype and source.device == result.device
-
 
 def drop_trace_assertions(gm: fx.GraphModule) -> int:
-    """Remove dtype/device assertions and casts to a value's own dtype from ``gm``; returns how many nodes went."""
+    """Remove ``aten._assert_tensor_metadata`` nodes from ``gm``; returns how many went."""
     graph = gm.graph
     dropped = 0
     for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is _aten._assert_tensor_metadata.default and not node.users:
-            graph.erase_node(node)
-            dropped += 1
-        elif _same_as_input(node):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            dropped += 1
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            if not node.users:
+                graph.erase_node(node)
+                dropped += 1
     if dropped:
         gm.recompile()
     return dropped
