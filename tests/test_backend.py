@@ -119,6 +119,21 @@ def test_cpu_default_decomposes_for_inductor():
     assert not any(name.startswith("block_") for counts in graphs.values() for name in counts), graphs
 
 
+def test_compiled_under_autocast_matches_eager_under_autocast():
+    """The traced code promotes mixed-dtype sources (bf16 branch, fp32 stream) as the eager code does."""
+    from attnres_rewrite import samples
+
+    model, inputs = samples.get("llama", layers=2, dropout=0.0)
+    converted, inputs = _converted(model, inputs, num_blocks=2)
+    compiled = attnres_rewrite.compile(converted)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        want = converted(*inputs)
+        got = compiled(*inputs)
+    assert got.dtype == want.dtype == torch.bfloat16
+    ulp = 2.0**-7 * want.float().abs().max().item()  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 * ulp)
+
+
 def _aggregation_kernel_inputs(code: str) -> dict[str, int]:
     """Inputs (``const`` pointers) of every Inductor C++ kernel that computes a depth softmax."""
     kernels = re.findall(r"(cpp_fused\w*) = async_compile\.cpp_pybinding\(\[([^\]]*)\]", code)
