@@ -1,4 +1,4 @@
-"""``block_attnres`` as a converted model's program calls it when it runs eagerly.
+"""``block_attnres`` as a converted model's program calls it (eagerly, and in the traceable code).
 
 A decode step aggregates one token per sequence, so the op's arithmetic takes a few
 microseconds while the way to it costs several times that: the dispatcher, the
@@ -7,7 +7,9 @@ kernel and the Python checks; 31 us per call against 10 us for the fused kernel
 itself (1 token, d=64, 3 sources, one thread). A program calls :func:`block_attnres`
 instead of the op: when nothing the dispatcher provides is needed it validates the
 inputs and runs the fused CPU kernel directly, else it calls the op, which is what
-the program's graph records and what compilers, exporters and tracers see.
+the program's graph records and what compilers, exporters and tracers see. Sources of
+mixed floating dtypes (autocast: a bf16 branch output joining the fp32 stream) are
+first promoted to their common dtype (:func:`promoted`), as the residual add was.
 
 The dispatcher is needed, and the op is called, when any of these holds:
 
@@ -67,7 +69,7 @@ def promoted(sources: list[Tensor]) -> list[Tensor]:
     to fp32, so the aggregation reads the sources in fp32 and returns fp32. The op itself
     takes one dtype and says so.
     """
-    if not all(isinstance(s, Tensor) for s in sources):
+    if not all(isinstance(s, Tensor) and s.is_floating_point() for s in sources):
         return sources  # the op names what is wrong
     first = sources[0].dtype
     if all(s.dtype == first for s in sources):
