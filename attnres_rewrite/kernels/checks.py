@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # exact types: any subclass may carry a dispatch of its own
 
 
 def check_eps(eps: float, op: str = "") -> None:

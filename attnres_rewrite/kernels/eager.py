@@ -29,14 +29,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import cpu_kernels as C
-from .checks import check_aggregate
+from .checks import PLAIN_TENSOR_TYPES, check_aggregate
 
 __all__ = ["block_attnres", "promoted", "runs_direct"]
-
-_PLAIN = (Tensor, nn.Parameter)  # exact types: any subclass may carry its own dispatch
 
 
 def _dispatch_needed() -> bool:
@@ -56,7 +54,7 @@ def runs_direct(sources: Sequence[Tensor], query: Tensor, key_gain: Tensor) -> b
         return False
     grad = torch.is_grad_enabled()
     for t in (query, key_gain, *sources):
-        if type(t) not in _PLAIN or grad and t.requires_grad:
+        if type(t) not in PLAIN_TENSOR_TYPES or grad and t.requires_grad:
             return False
     return C.supports(sources, query, key_gain)
 
@@ -82,9 +80,9 @@ def promoted(sources: list[Tensor]) -> list[Tensor]:
 
 def block_attnres(sources: list[Tensor], query: Tensor, key_gain: Tensor, eps: float, scale: float) -> Tensor:
     """``torch.ops.attnres.block_attnres`` of the promoted sources, minus the dispatcher when unneeded."""
-    if type(sources) is list and len(sources) > 1:
+    if type(sources) is list and sources:
         sources = promoted(sources)
-    if type(sources) is list and sources and runs_direct(sources, query, key_gain):
-        check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
-        return C.attnres_forward(sources, query, key_gain, eps, scale)
+        if runs_direct(sources, query, key_gain):
+            check_aggregate(sources, query, key_gain, eps, "attnres.block_attnres")
+            return C.attnres_forward(sources, query, key_gain, eps, scale)
     return torch.ops.attnres.block_attnres.default(sources, query, key_gain, eps, scale)

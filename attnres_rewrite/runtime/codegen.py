@@ -62,11 +62,10 @@ def _traceable_target(target: Any) -> Any:
 
 
 def _eager_target(target: Any) -> Any:
-    if target is torch.ops.attnres.block_attnres.default:
-        return eager_ops.block_attnres
-    if type(target) is OpOverload:  # subclasses (TorchBind ops) do more in __call__
+    new = _traceable_target(target)
+    if new is target and type(target) is OpOverload:  # subclasses (TorchBind ops) do more in __call__
         return _entry_point(target)
-    return target
+    return new
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..errors import AttnResError, NotConvertibleError, TraceError
+from ..kernels.checks import PLAIN_TENSOR_TYPES
 from ..passes.call_inputs import CallInputs
 from ..passes.capture import Captured, capture_call, prefix_module_paths, static_axes
 from ..passes.detect import Detection, detect
@@ -215,7 +216,6 @@ def _is_fake(tensors: tuple[Tensor, ...]) -> bool:
     return any(isinstance(t, FakeTensor) for t in tensors) or torch.compiler.is_compiling()
 
 
-_PLAIN = (Tensor, nn.Parameter)  # exact types of tensors that are no subclass (a fast path)
 _STRUCTURE = [0]  # bumped whenever any module registers a submodule, parameter or buffer (see _watch_structure)
 
 
@@ -262,7 +262,7 @@ def state_key(modules: list[nn.Module], slots: list[dict] | None = None) -> tupl
         for t in slot.values():
             if t is None:
                 continue
-            if type(t) not in _PLAIN and is_distributed_tensor(t):
+            if type(t) not in PLAIN_TENSOR_TYPES and is_distributed_tensor(t):
                 sharded.append(t)  # FSDP2's DTensor: keyed by what it computes in (runtime.distributed)
             else:
                 kinds.add((t.dtype, t.device.type if t.is_meta else t.get_device()))
@@ -306,13 +306,17 @@ class ConvertedForward(_ForwardOverride):
         self.attnres = attnres
         self.programs = ProgramCache()
         self.last: Program | None = None  # the program of the latest call (inspection, tests)
-        self._modules: tuple[int, list[nn.Module], list[dict]] = (0, [], [])  # (structure version, modules, slots)
-        self._layers: tuple[int, Program | None, list[tuple[Slots, nn.Module]]] = (
-            0,
-            None,
-            [],
-        )  # version, program, layers
+        vars(self).update(self._empty_caches())
         _watch_structure()
+
+    @staticmethod
+    def _empty_caches() -> dict[str, tuple]:
+        """Per-owner caches, each keyed by the structure version it was filled at (0: never).
+
+        ``_modules``: (version, the modules the state key reads, their tensor slots);
+        ``_layers``: (version, the latest program, its layers with their ``_modules`` slots).
+        """
+        return {"_modules": (0, [], []), "_layers": (0, None, [])}
 
     def modules(self) -> list[nn.Module]:
         """The module's submodules and the AttnRes module, listed again only after a registration."""
@@ -346,21 +350,14 @@ class ConvertedForward(_ForwardOverride):
         new.attnres = copy.deepcopy(self.attnres, memo)
         new.programs = self.programs  # programs read the module they run on: a copy can share them
         new.last = None
-        new._modules = (0, [], [])
-        new._layers = (0, None, [])
+        vars(new).update(self._empty_caches())
         return new
 
     def __getstate__(self) -> dict:
-        return {
-            **vars(self),
-            "programs": ProgramCache(),
-            "last": None,
-            "_modules": (0, [], []),
-            "_layers": (0, None, []),
-        }
+        return {**vars(self), "programs": ProgramCache(), "last": None, **self._empty_caches()}
 
     def __setstate__(self, state: dict) -> None:
-        vars(self).update({"_modules": (0, [], []), "_layers": (0, None, []), **state})
+        vars(self).update({**self._empty_caches(), **state})
         _watch_structure()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
