@@ -29,26 +29,10 @@ needs_cpu_kernels = pytest.mark.skipif(
 
 
 @pytest.fixture
-def op_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Calls of ``attnres::block_attnres`` made through its overload (and with it the dispatcher)."""
-    calls = _OverloadCalls(monkeypatch).names
-    return _Only(calls, "attnres.block_attnres.default")
-
-
-class _Only:
-    """The entries of ``names`` equal to ``name``, compared like a list of ones."""
-
-    def __init__(self, names: list[str], name: str) -> None:
-        self.names, self.name = names, name
-
-    def __eq__(self, other: object) -> bool:
-        return [1 for n in self.names if n == self.name] == other
-
-    def __bool__(self) -> bool:
-        return self.name in self.names
-
-    def __repr__(self) -> str:
-        return repr(self.names)
+def op_calls(monkeypatch: pytest.MonkeyPatch):
+    """How many calls of ``attnres::block_attnres`` went through its overload (and with it the dispatcher)."""
+    names = _OverloadCalls(monkeypatch).names
+    return lambda: names.count("attnres.block_attnres.default")
 
 
 class _OverloadCalls:
@@ -78,7 +62,7 @@ def test_direct_call_gives_the_ops_result(shape, dtype, op_calls) -> None:
     with torch.no_grad():
         assert eager.runs_direct(sources, query, gain)
         got = eager.block_attnres(sources, query, gain, EPS, scale)
-    assert not op_calls
+    assert op_calls() == 0
     assert got.dtype == dtype and got.shape == (b, t, d)
     assert torch.equal(got, torch.ops.attnres.block_attnres(sources, query, gain, EPS, scale))
     tol = FWD_TOL[dtype]
@@ -92,7 +76,7 @@ def test_grad_mode_without_anything_to_record_calls_directly(op_calls) -> None:
     sources, query, gain = agg_inputs((2, 3), 5, 3)
     query, gain = nn.Parameter(query, requires_grad=False), nn.Parameter(gain, requires_grad=False)
     got = eager.block_attnres(sources, query, gain, EPS, 1.0)
-    assert not op_calls and not got.requires_grad
+    assert op_calls() == 0 and not got.requires_grad
     torch.testing.assert_close(got.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.float32])
 
 
@@ -101,7 +85,7 @@ def test_inputs_that_require_grad_go_through_the_op_and_get_gradients(which: str
     sources, query, gain = agg_inputs((2, 3), 5, 3)
     leaf = {"query": query, "gain": gain, "source": sources[1]}[which].requires_grad_()
     out = eager.block_attnres(sources, query, gain, EPS, 2.0)
-    assert op_calls == [1]
+    assert op_calls() == 1
     go = torch.randn(out.shape, dtype=torch.float64)
     (got,) = torch.autograd.grad(out, leaf, go.float())
     (want,) = torch.autograd.grad(naive_attnres(sources, query, gain, EPS, 2.0), leaf, go)
@@ -122,7 +106,7 @@ def test_dispatch_modes_see_the_op(op_calls) -> None:
     sources, query, gain = agg_inputs((2, 3), 5, 3)
     with torch.no_grad(), _Recorder() as mode:
         got = eager.block_attnres(sources, query, gain, EPS, 1.0)
-    assert op_calls and "attnres.block_attnres.default" in mode.ops  # (the mode calls the overload again)
+    assert op_calls() >= 1 and "attnres.block_attnres.default" in mode.ops  # (the mode calls the overload again)
     torch.testing.assert_close(got.double(), naive_attnres(sources, query, gain), **FWD_TOL[torch.float32])
 
 
@@ -132,14 +116,14 @@ def test_fake_tensors_go_through_the_op(op_calls) -> None:
     with FakeTensorMode() as mode, torch.no_grad():
         sources = [mode.from_tensor(s) for s in agg_inputs((2, 3), 5, 3)[0]]
         out = eager.block_attnres(sources, torch.ones(5), torch.ones(5), EPS, 1.0)
-    assert op_calls and isinstance(out, FakeTensor) and out.shape == (2, 3, 5)
+    assert op_calls() >= 1 and isinstance(out, FakeTensor) and out.shape == (2, 3, 5)
 
 
 def test_the_profiler_shows_the_op(op_calls) -> None:
     sources, query, gain = agg_inputs((2, 3), 5, 3)
     with torch.no_grad(), torch.profiler.profile() as prof:
         eager.block_attnres(sources, query, gain, EPS, 1.0)
-    assert op_calls == [1]
+    assert op_calls() == 1
     assert any(e.name == "attnres::block_attnres" for e in prof.events())
 
 
@@ -173,7 +157,7 @@ def test_fp64_takes_the_op_and_keeps_fp64_statistics(op_calls) -> None:
     sources, query, gain = agg_inputs((2, 3), 5, 3, dtype=torch.float64)
     with torch.no_grad():
         got = eager.block_attnres(sources, query, gain, EPS, 1.0)
-    assert op_calls == [1]
+    assert op_calls() == 1
     torch.testing.assert_close(got, naive_attnres(sources, query, gain), **FWD_TOL[torch.float64])
 
 
