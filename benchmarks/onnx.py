@@ -7,8 +7,11 @@ Writes benchmarks/results/onnx.json. Not a test. For a Llama-style decoder
 * ``original``: the unconverted model;
 * ``converted``: Block AttnRes (``num_blocks`` blocks, ``paper`` mode), inline form;
 * ``converted_function``: the same, with each aggregation as the ``attnres.BlockAttnRes``
-  ONNX function (onnxruntime inlines functions when it loads a model, so this should
-  match ``converted``; the figure checks that the function form costs nothing);
+  ONNX function (onnxruntime inlines functions when it loads a model);
+* ``converted_function_fused``: the ``converted_function`` file in a session with the
+  attnres op library registered (``attnres_rewrite.onnx.ort_ops``): each call is one
+  fused CPU kernel instead of the inlined body (skipped, with a note, where the library
+  cannot be built);
 
 then times ``InferenceSession.run`` on the CPU provider (median over ``--iters`` runs
 after ``--warmup``, fixed ``--threads``; variants are timed in interleaved rounds).
@@ -30,7 +33,8 @@ has no cache, so a Hugging Face ``LlamaForCausalLM`` of the sample's shape (same
 layers, heads, SwiGLU width, random weights) is exported with
 ``export_decoder_with_past`` (``--task text-generation-with-past``), original and
 converted, and timed on a prefill (empty past, ``seq`` tokens) and on one decode step
-(one token after a past of ``seq``), at ``--decode-sizes`` (default up to d = 512).
+(one token after a past of ``seq``), at ``--decode-sizes`` (default up to d = 512),
+in the same variants (the function form exported with ``as_function=True``).
 Target: converted/original <= 1.05 for decode.
 
 The converted models get non-zero AttnRes parameters first (as after fine-tuning): a
@@ -66,9 +70,11 @@ sys.path.insert(0, str(ROOT))
 
 import attnres_rewrite  # noqa: E402
 from attnres_rewrite import samples  # noqa: E402
+from attnres_rewrite.onnx import ort_ops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "onnx.json"
 VARIANTS = ("original", "converted", "converted_function")
+FUSED = "converted_function_fused"
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
@@ -76,14 +82,24 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     return dim, layers, seq
 
 
-def _session(path: str, threads: int):
+def _session(path: str, threads: int, fused: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if fused:
+        ort_ops.register(options)
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _add_fused(sessions: dict, path: Path, threads: int) -> None:
+    """The function-form file with the op library registered, where it builds."""
+    if ort_ops.available():
+        sessions[FUSED] = _session(str(path), threads, fused=True)
+    else:
+        print(f"no {FUSED} variant: {ort_ops.unavailable_reason()}", flush=True)
 
 
 def _interleaved_ms(sessions: dict, feed: dict, warmup: int, iters: int, chunk: int = 3) -> dict:
@@ -154,11 +170,12 @@ def bench_size(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
         }
         print(f"{dim}x{layers} seq {seq} {variant}: export {report.export_seconds:.1f} s", flush=True)
     result["onnx_nodes"] = _node_counts(paths)
+    _add_fused(sessions, paths["converted_function"], args.threads)
     feed = {sessions["original"].get_inputs()[0].name: ids.numpy()}
     times = _interleaved_ms(sessions, feed, args.warmup, args.iters)
     base = statistics.median(times["original"])
-    for variant in VARIANTS:
-        entry = result["variants"][variant]
+    for variant in sessions:
+        entry = result["variants"].setdefault(variant, {})
         entry["ort_cpu_latency_ms"] = _summary(times[variant])
         entry["latency_vs_original"] = round(statistics.median(times[variant]) / base, 3)
         print(f"{dim}x{layers} seq {seq} {variant}: ort {entry['ort_cpu_latency_ms']}", flush=True)
@@ -217,15 +234,20 @@ def bench_decode(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
     example = {"input_ids": torch.randint(0, 97, (args.batch, 16))}
     converted = _trained(attnres_rewrite.convert(model, example, num_blocks=num_blocks))
     sessions, result = {}, {"dim": dim, "layers": layers, "seq": seq, "batch": args.batch, "variants": {}}
-    for variant, net in (("original", model), ("converted", converted)):
+    for variant in VARIANTS:
+        net = model if variant == "original" else converted
         path = workdir / f"decode_{variant}_{dim}x{layers}.onnx"
-        report = export_decoder_with_past(net, path, require_attnres=variant == "converted")
+        function = variant == "converted_function"
+        report = export_decoder_with_past(net, path, require_attnres=variant != "original", as_function=function)
         sessions[variant] = _session(str(path), args.threads)
         result["variants"][variant] = {
             "verify_max_rel_diff": report.max_rel_diff,
             "attnres_ops": report.attnres_ops,
             "graph_nodes": len(onnx.load(str(path), load_external_data=False).graph.node),
+            "verified_on": report.providers,
         }
+        if function:
+            _add_fused(sessions, path, args.threads)
     head_dim = dim // heads
     ids = np.random.default_rng(0).integers(0, 97, (args.batch, seq), dtype=np.int64)
     past_names = [i.name for i in sessions["original"].get_inputs()[3:]]
@@ -244,7 +266,7 @@ def bench_decode(dim: int, layers: int, seq: int, args, workdir: Path) -> dict:
         times = _interleaved_ms(sessions, f, args.warmup, args.iters)
         base = statistics.median(times["original"])
         for variant in sessions:
-            entry = result["variants"][variant]
+            entry = result["variants"].setdefault(variant, {})
             entry[f"{phase}_ort_cpu_latency_ms"] = _summary(times[variant])
             entry[f"{phase}_latency_vs_original"] = round(statistics.median(times[variant]) / base, 3)
             print(f"decode bench {dim}x{layers} {phase} {variant}: {entry[f'{phase}_ort_cpu_latency_ms']}", flush=True)
@@ -287,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "opset": attnres_rewrite.onnx.DEFAULT_OPSET,
+            "attnres_ort_ops": ort_ops.unavailable_reason() or "available",
         },
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "num_blocks": args.num_blocks},
         "results": results,

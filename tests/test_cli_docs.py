@@ -63,7 +63,7 @@ def doc_steps(text: str) -> list[tuple[str, str, list[str]]]:
 
 def test_doc_has_an_example_of_every_command():
     commands = {shlex.split(cmd)[1] for kind, cmd, _ in doc_steps(DOC.read_text()) if kind == "run"}
-    assert {"inspect", "convert", "verify", "export", "bench"} <= commands
+    assert {"inspect", "convert", "verify", "export", "ort-ops", "bench"} <= commands
 
 
 @pytest.mark.slow

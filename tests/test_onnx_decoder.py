@@ -17,7 +17,7 @@ import torch
 
 import attnres_rewrite
 from attnres_rewrite.errors import ExportError
-from attnres_rewrite.onnx import export_decoder_with_past, generate_greedy
+from attnres_rewrite.onnx import export_decoder_with_past, generate_greedy, ort_ops
 from attnres_rewrite.onnx.decoder import compare_generation
 
 pytest.importorskip("onnxruntime")
@@ -26,8 +26,10 @@ T = pytest.importorskip("transformers")
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["inline", "function"])
+def exported(request, tmp_path_factory):
+    """The decoder exported inline and as ``attnres.BlockAttnRes`` calls (run by the fused op library, when
+    it builds here, in ``generate_greedy`` and in the export's second verification pass)."""
     T.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
@@ -38,7 +40,7 @@ def exported(tmp_path_factory):
     reference = copy.deepcopy(original)
     converted = attnres_rewrite.convert(original, {"input_ids": torch.randint(0, 64, (2, 5))}, mode="exact")
     path = tmp_path_factory.mktemp("decoder") / "model.onnx"
-    report = export_decoder_with_past(converted, path, steps=3)
+    report = export_decoder_with_past(converted, path, steps=3, as_function=request.param)
     return path, report, reference, converted
 
 
@@ -54,7 +56,13 @@ def test_interface_uses_optimum_names_and_an_empty_first_past(exported):
     assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 6]
     assert report.attnres_ops > 0 and report.task == "text-generation-with-past"
     steps = report.task_verification
-    assert [s["past_length"] for s in steps] == [0, 6, 7, 8]  # prompt with an empty past, then decode steps
+    assert report.providers == (
+        ["CPUExecutionProvider", ort_ops.FUSED_CPU]
+        if report.as_function and ort_ops.available()
+        else ["CPUExecutionProvider"]
+    )
+    for provider in report.providers:  # prompt with an empty past, then decode steps, on each path
+        assert [s["past_length"] for s in steps if s["provider"] == provider] == [0, 6, 7, 8]
     assert all(s["reference_max_abs"] > 0 and s["max_abs_diff"] <= 1e-4 * s["reference_max_abs"] for s in steps)
 
 

@@ -22,7 +22,7 @@ from test_cli_commands import invoke, ok_json
 
 from attnres_rewrite.cli.commands import exporting, verifying
 from attnres_rewrite.errors import ExportError, VerificationError
-from attnres_rewrite.onnx import seq2seq
+from attnres_rewrite.onnx import ort_ops, seq2seq
 from attnres_rewrite.onnx.runtime import find_runtime
 
 pytest.importorskip("onnxruntime")
@@ -47,14 +47,28 @@ def t5_dir(tmp_path_factory):
     return path
 
 
+def _other_onnx_model() -> bytes:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "other", [x], [x])
+    return onnx.helper.make_model(graph).SerializeToString()
+
+
 @pytest.fixture(scope="module")
 def exported(t5_dir, tmp_path_factory):
-    """``attnres convert`` (exact) then ``attnres export --task text2text-generation-with-past --json``, once."""
+    """``attnres convert`` (exact) then ``attnres export --task text2text-generation-with-past --force --json``, once.
+
+    Into a directory that holds the user's notes and a stale ONNX model under one of the
+    three names (one export serves the layout checks and the ``--force`` check: exports
+    cost seconds).
+    """
     root = tmp_path_factory.mktemp("seq2seq")
     adapter, out = root / "adapter", root / "onnx"
+    out.mkdir()
+    (out / "README.txt").write_text("my deployment notes")
+    (out / "decoder_model.onnx").write_bytes(_other_onnx_model())
     ok_json(invoke("convert", str(t5_dir), "-o", str(adapter), "--mode", "exact", "--blocks", "2", "--json"))
     payload = ok_json(
-        invoke("export", str(t5_dir), "--adapter", str(adapter), "-o", str(out), "--task", TASK, "--json")
+        invoke("export", str(t5_dir), "--adapter", str(adapter), "-o", str(out), "--task", TASK, "--force", "--json")
     )
     return out, payload, adapter
 
@@ -83,8 +97,10 @@ def _kv(prefix: str, parts: tuple[str, ...]) -> list[str]:
 
 
 def test_files_have_optimums_layout_and_names(exported):
+    """Also ``--force``: the three models are replaced (the stale one too), the user's file is left alone."""
     out, payload, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted(seq2seq.FILES)  # no staging directory left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted([*seq2seq.FILES, "README.txt"])  # no staging directory
+    assert (out / "README.txt").read_text() == "my deployment notes"
     assert exporting.DIRECTORY_FILES[TASK] == seq2seq.FILES == verifying.SEQ2SEQ_FILES
     inputs, outputs, dims = _names(out / "encoder_model.onnx")
     assert (inputs, outputs) == (["input_ids", "attention_mask"], ["last_hidden_state"])
@@ -197,31 +213,6 @@ def test_force_refuses_a_directory_whose_file_of_that_name_is_not_an_onnx_model(
     assert notes.read_text() == "my notes, not a model"
 
 
-def test_force_replaces_an_earlier_export_and_keeps_the_users_files(exported, models, t5_dir, tmp_path):
-    """``--force --no-verify`` over an earlier export: the three models are replaced, nothing else is touched.
-
-    One of the old files is a different (still ONNX) model, so the check is that the new
-    files are this model's chain, not that the old bytes were left in place.
-    """
-    out, _, adapter = exported
-    target = tmp_path / "again"
-    target.mkdir()
-    for name in seq2seq.FILES:
-        (target / name).write_bytes((out / name).read_bytes())
-    (target / "decoder_model.onnx").write_bytes((out / "encoder_model.onnx").read_bytes())
-    (target / "README.txt").write_text("my deployment notes")
-    payload = ok_json(
-        invoke("export", str(t5_dir), "--adapter", str(adapter), "-o", str(target), "--task", TASK, "--force",
-               "--no-verify", "--json")
-    )  # fmt: skip
-    assert payload["verified"] is False and payload["task_verification"] == [] and payload["max_abs_diff"] is None
-    assert sorted(p.name for p in target.iterdir()) == sorted([*seq2seq.FILES, "README.txt"])
-    assert (target / "README.txt").read_text() == "my deployment notes"
-    assert _names(target / "decoder_model.onnx")[0] == ["input_ids", "encoder_attention_mask", "encoder_hidden_states"]
-    result = seq2seq.verify_steps(seq2seq.paths_in(target), models[1], steps=2, rtol=1e-4, atol=1e-6, seed=3)
-    assert result["ok"], result["failures"]
-
-
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
@@ -256,7 +247,8 @@ def test_cli_refuses_a_decoder_only_model_with_exit_2_before_converting(tmp_path
 @pytest.mark.slow
 def test_a_converted_mbart_exports_and_generates_like_the_original(tmp_path):
     """BART-style models take the same path (``encoder_outputs``, an ``EncoderDecoderCache``); mBART is pre-norm,
-    so it converts (BART itself is post-norm), and starts decoding from BOS (no decoder_start_token_id)."""
+    so it converts (BART itself is post-norm), and starts decoding from BOS (no decoder_start_token_id).
+    Exported as ``attnres.BlockAttnRes`` calls."""
     import attnres_rewrite as ar
 
     torch.manual_seed(0)
@@ -270,8 +262,11 @@ def test_a_converted_mbart_exports_and_generates_like_the_original(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = ar.convert(original, inputs, num_blocks=2, mode="exact")
-    report = seq2seq.export_seq2seq_with_past(converted, tmp_path)
+    report = seq2seq.export_seq2seq_with_past(converted, tmp_path, as_function=True)
     assert report.verified and all(f.attnres_ops > 0 for f in report.files)
+    if ort_ops.available():  # the function form: checked as its body and with the fused op library
+        assert report.providers == ["CPUExecutionProvider", ort_ops.FUSED_CPU]
+        assert {r["provider"] for r in report.task_verification} == set(report.providers)
     prompt = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = original.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)

@@ -1,4 +1,4 @@
-"""The ``attnres`` command line: inspect, convert, export, verify, bench.
+"""The ``attnres`` command line: inspect, convert, export, ort-ops, verify, bench.
 
 This module only declares the commands and their flags; each command's work lives in
 ``commands/`` and everything shared (model sources, conversion, output, errors) in the
@@ -233,6 +233,24 @@ def export(
         seed=seed,
         as_json=json,
     )
+
+
+@app.command("ort-ops")
+@guarded
+def ort_ops(
+    ctx: typer.Context,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", metavar="FILE.so", help="Library file to write.", show_default=False),
+    ],
+    force: o.Force = False,
+    json: o.Json = False,
+    debug: o.Debug = False,
+) -> None:
+    """Write the onnxruntime library that runs attnres.BlockAttnRes (export --function) as one fused CPU kernel."""
+    from .commands import exporting
+
+    exporting.write_ort_ops(output, force=force, as_json=json)
 
 
 @app.command()

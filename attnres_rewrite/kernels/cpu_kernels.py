@@ -41,7 +41,7 @@ log = logging.getLogger("attnres_rewrite")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-fno-math-errno", "-ffp-contract=fast"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-_SOURCE = r"""
+SOURCE = r"""
 // Fused CPU kernels of attnres::block_attnres (forward and backward), one token at a time.
 //
 // Built by cpu_kernels.py with the system C++ compiler into a small shared library
@@ -481,7 +481,8 @@ _state: dict = {}
 _lock = threading.Lock()
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with: ``$CXX``, else ``c++``, ``g++`` or ``clang++``."""
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -503,8 +504,15 @@ def _cache_dir() -> Path:
     return base / "attnres_rewrite" / "cpu_kernels"
 
 
-def _build() -> ctypes.CDLL | None:
-    cxx = _compiler()
+def build_library(source: str, stem: str, fallback: str) -> Path | None:
+    """Compile ``source`` into a shared library cached under :func:`_cache_dir`; None without a compiler.
+
+    The cache key covers the source, flags, compiler and CPU (``-march=native``), so a
+    changed kernel or another machine never picks up a stale build. Also builds the
+    onnxruntime op library (:mod:`attnres_rewrite.onnx.ort_ops`), which adds its glue to
+    ``SOURCE``. ``fallback`` ends the warning logged when the compiler fails.
+    """
+    cxx = compiler()
     if cxx is None:
         return None
     try:
@@ -512,21 +520,26 @@ def _build() -> ctypes.CDLL | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     # -march=native: the library is built for this CPU, so the CPU is part of its key
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(FLAGS), cxx, version, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"attnres_cpu_{key}.so"
+    key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cxx, version, _cpu_id()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{stem}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / "attnres_cpu.cpp"
-            src.write_text(_SOURCE)
+            src = Path(tmp) / f"{stem}.cpp"
+            src.write_text(source)
             out = Path(tmp) / target.name
             done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                log.warning(
-                    "attnres: building the CPU kernels failed; using the PyTorch kernels:\n%s", done.stderr[-2000:]
-                )
+                log.warning("attnres: building %s failed; %s:\n%s", stem, fallback, done.stderr[-2000:])
                 return None
             os.replace(out, target)  # atomic: concurrent builders agree on the result
+    return target
+
+
+def _build() -> ctypes.CDLL | None:
+    target = build_library(SOURCE, "attnres_cpu", "using the PyTorch kernels")
+    if target is None:
+        return None
     lib = ctypes.CDLL(str(target))
     i64p = ctypes.POINTER(ctypes.c_int64)
     vp, c_int, c_i64, c_f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float

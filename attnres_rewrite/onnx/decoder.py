@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, VerificationError
+from . import ort_ops
 from . import verify as _verify
 from .export import ExportReport, IONames, _check_destination, _check_external_data, _check_opset, export_file
 from .runtime import find_runtime, open_session
@@ -168,6 +169,7 @@ def verify_steps(
     rtol: float,
     atol: float,
     seed: int = 0,
+    provider: str = "CPUExecutionProvider",
 ) -> dict[str, Any]:
     """Prompt (past of length 0) + ``steps`` decode steps in onnxruntime against the model's own cache loop.
 
@@ -175,8 +177,9 @@ def verify_steps(
     runs stay aligned); the ONNX presents are fed back as the next past. Returns the
     worst ``max_abs_diff``, the reference magnitude and per step the logits figures;
     ``ok`` is false when a step's logits or presents differ beyond ``atol + rtol * max|torch|``.
+    ``provider`` is a target of :func:`.runtime.open_session` (``ort_ops.FUSED_CPU`` included).
     """
-    session = open_session(str(path), "CPUExecutionProvider")
+    session = open_session(str(path), provider)
     layers, heads, head_dim = cache_geometry(model)
     dtype = next(model.parameters()).dtype
     cache_kwarg = _cache_kwarg(model)
@@ -195,7 +198,12 @@ def verify_steps(
         want_logits, cache = _reference_step(model, cache_kwarg, *inputs[:3], cache)
         want = [want_logits, *[t for kv in _layers_of(cache) for t in kv]]
         names = ["logits", *[o.name for o in session.get_outputs()][1:]]
-        record = {"step": step, "past_length": int(past[0].shape[2]), "input_length": int(ids.shape[1])}
+        record = {
+            "provider": provider,
+            "step": step,
+            "past_length": int(past[0].shape[2]),
+            "input_length": int(ids.shape[1]),
+        }
         for name, g, w in zip(names, got, want):
             w = w.detach().double().numpy()
             if g.shape != w.shape:
@@ -217,17 +225,24 @@ def verify_steps(
 
 
 def generate_greedy(
-    path: str | Path, input_ids: torch.Tensor | np.ndarray, max_new_tokens: int, *, eos_token_id: int | None = None
+    path: str | Path,
+    input_ids: torch.Tensor | np.ndarray,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    provider: str | None = None,
 ) -> np.ndarray:
     """Greedy decoding in onnxruntime with a file of this task: ``(batch, prompt + new)`` token ids.
 
     The loop any optimum-style runner does: the prompt with an empty past, then one token
     per step, each step's presents fed back as the next past. Rows that produced
     ``eos_token_id`` keep producing it (as ``transformers``' ``generate`` pads them).
+    ``provider`` defaults to the CPU, with the fused attnres kernel for a function-form
+    file where it is available (``ort_ops.cpu_target``).
     """
     if max_new_tokens < 0:
         raise ExportError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    session = open_session(str(path), "CPUExecutionProvider")
+    session = open_session(str(path), provider or ort_ops.cpu_target(path))
     inputs = session.get_inputs()
     names = [i.name for i in inputs]
     if names[:3] != ["input_ids", "attention_mask", "position_ids"] or not names[3:]:
@@ -363,17 +378,23 @@ def export_decoder_with_past(
     ]
 
     def verifier(report: ExportReport, staged: Path, input_dims: list) -> None:
-        result = verify_steps(staged, model, steps=steps, rtol=rtol, atol=atol, seed=seed)
+        targets, target_notes = _verify.verification_targets([staged], ["CPUExecutionProvider"])
+        results = [
+            verify_steps(staged, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=t) for t in targets
+        ]
+        records = [r for result in results for r in result["steps"]]
         report.verified = True
         report.rtol, report.atol = rtol, atol
-        report.providers = ["CPUExecutionProvider"]
+        report.providers = targets
+        report.notes += target_notes
         report.runtime = f"{runtime.distribution} {runtime.version}"
-        report.task_verification = result["steps"]
-        report.max_abs_diff = max(r.get("worst_max_abs_diff", 0.0) for r in result["steps"])
+        report.task_verification = records
+        report.max_abs_diff = max(r.get("worst_max_abs_diff", 0.0) for r in records)
         report.max_rel_diff = max(
-            r["max_abs_diff"] / r["reference_max_abs"] for r in result["steps"] if r.get("reference_max_abs")
+            r["max_abs_diff"] / r["reference_max_abs"] for r in records if r.get("reference_max_abs")
         )
-        raise_on_mismatch(result, "decoder with past", rtol, atol)
+        for target, result in zip(targets, results):
+            raise_on_mismatch(result, f"decoder with past ({target})", rtol, atol)
 
     report = export_file(
         wrapper,

@@ -116,12 +116,18 @@ def open_session(path: str, provider: str):
 
     CUDA runs with TF32 disabled: ORT enables TF32 MatMuls by default on Ampere and
     newer, which would blur a 1e-4 relative check with 1e-3-level rounding.
+    ``ort_ops.FUSED_CPU`` is the CPU provider with the attnres op library registered.
     """
     import onnxruntime as ort
 
+    from . import ort_ops
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers etc.
-    if provider == "CUDAExecutionProvider":
+    if provider == ort_ops.FUSED_CPU:
+        ort_ops.register(options)
+        providers = ["CPUExecutionProvider"]
+    elif provider == "CUDAExecutionProvider":
         providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
     else:
         providers = [provider]

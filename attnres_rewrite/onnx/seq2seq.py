@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from . import ort_ops
 from . import verify as _verify
 from .decoder import _cache_support, _returned_cache, raise_on_mismatch
 from .export import (
@@ -241,8 +242,10 @@ class Sessions:
     decoder_with_past: Any
 
     @classmethod
-    def open(cls, paths: dict[str, Path | str]) -> Sessions:
-        opened = [open_session(str(paths[name]), "CPUExecutionProvider") for name in FILES]
+    def open(cls, paths: dict[str, Path | str], provider: str | None = None) -> Sessions:
+        """``provider`` defaults to the CPU, with the fused attnres kernel for function-form files where it is
+        available (``ort_ops.cpu_target``)."""
+        opened = [open_session(str(paths[name]), provider or ort_ops.cpu_target(paths[name])) for name in FILES]
         names = [i.name for i in opened[1].get_inputs()]
         if [i.name for i in opened[0].get_inputs()] != ["input_ids", "attention_mask"] or names != DECODER_INPUTS:
             raise ExportError(f"{paths[ENCODER_FILE]} and its decoders are not a {TASK} export")
@@ -444,6 +447,7 @@ def verify_steps(
     rtol: float,
     atol: float,
     seed: int = 0,
+    provider: str = "CPUExecutionProvider",
 ) -> dict[str, Any]:
     """The three files chained in onnxruntime against the model's own cache loop in PyTorch.
 
@@ -455,8 +459,9 @@ def verify_steps(
     output (encoder state, logits, presents) must be within ``atol + rtol * max|torch|``.
     Returns ``ok``, ``failures`` and one record per file run: the logits' (the encoder
     state's) ``max_abs_diff`` next to ``reference_max_abs`` and the worst output's diff.
+    ``provider`` is a target of :func:`.runtime.open_session` (``ort_ops.FUSED_CPU`` included).
     """
-    sessions = Sessions.open(paths)
+    sessions = Sessions.open(paths, provider)
     ids, mask = _prompt(model, batch, prompt, seed)
     failures: list[str] = []
     want_hidden = _encode(model, ids, mask)
@@ -683,9 +688,20 @@ def _export_encoder(model, path: Path, runtime, rtol: float, atol: float, seed: 
 def _verify_chain(paths, model, runtime, rtol: float, atol: float, steps: int, seed: int) -> dict[str, Any]:
     """:func:`verify_steps` on the staged files; raise :class:`VerificationError` (nothing written) on a mismatch."""
     started = time.perf_counter()
-    result = verify_steps(paths, model, steps=steps, rtol=rtol, atol=atol, seed=seed)
-    raise_on_mismatch(result, "encoder-decoder", rtol, atol)
-    return {**result, "seconds": time.perf_counter() - started, "runtime": f"{runtime.distribution} {runtime.version}"}
+    targets, notes = _verify.verification_targets(list(paths.values()), ["CPUExecutionProvider"])
+    steps_of = []
+    for target in targets:
+        result = verify_steps(paths, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=target)
+        raise_on_mismatch(result, f"encoder-decoder ({target})", rtol, atol)
+        steps_of += [{"provider": target, **r} for r in result["steps"]]
+    return {
+        **result,
+        "steps": steps_of,
+        "providers": targets,
+        "target_notes": notes,
+        "seconds": time.perf_counter() - started,
+        "runtime": f"{runtime.distribution} {runtime.version}",
+    }
 
 
 def _move_into(staging: Path, dest: Path, reports: list[ExportReport]) -> None:
@@ -708,6 +724,7 @@ def _report(dest, reports, verification, opset, seconds, runtime, rtol, atol) ->
         f"{DECODER_WITH_PAST_FILE} (later steps; the encoder past is the first step's)",
         "AttnRes mixes earlier layers of the same token and keeps no state across tokens: the KV cache is the "
         "model's own",
+        *verification.get("target_notes", []),
     ]
     for report in reports:
         report.task = TASK
@@ -724,7 +741,7 @@ def _report(dest, reports, verification, opset, seconds, runtime, rtol, atol) ->
         verify_seconds=verification.get("seconds"),
         rtol=rtol if records else None,
         atol=atol if records else None,
-        providers=["CPUExecutionProvider"] if records else [],
+        providers=verification.get("providers", []) if records else [],
         runtime=verification.get("runtime"),
         max_abs_diff=max((r["worst_max_abs_diff"] for r in records), default=None),
         max_rel_diff=max(relative, default=None),

@@ -35,6 +35,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError
+from . import ort_ops
 from .runtime import Runtime, open_session
 
 #: Relative tolerance of verification by dtype of the model's floating parameters.
@@ -393,6 +394,25 @@ def reference_run(
     raise ExportError("the PyTorch model failed on every verification input: " + "; ".join(failures))
 
 
+def verification_targets(paths: Sequence[str | Any], providers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The providers to verify ``paths`` on, and notes: ``providers``, plus the fused attnres kernel on CPU
+    (:data:`ort_ops.FUSED_CPU`) when a file calls ``attnres.BlockAttnRes`` (the function form).
+
+    Both paths of such a file are checked: the function's body (any onnxruntime) and the
+    kernel that :func:`ort_ops.register` puts in its place. Where the library cannot be
+    built, a note says the kernel was not checked and why.
+    """
+    targets = list(providers)
+    if not any(ort_ops.has_attnres_nodes(p) for p in paths):
+        return targets, []
+    reason = ort_ops.unavailable_reason()
+    if reason is not None:
+        return targets, [
+            f"attnres.BlockAttnRes was checked as the function's body only, not the fused kernel ({reason})"
+        ]
+    return targets + [ort_ops.FUSED_CPU], []
+
+
 def verify_file(
     path: str,
     model: torch.nn.Module,
@@ -427,8 +447,9 @@ def verify_file(
                 raise ExportError(f"the PyTorch model failed on verify_inputs: {short_error(exc)}") from exc
     feeds = tensor_leaves((v_args, v_kwargs))
     expected = tensor_leaves(expected)
+    providers, target_notes = verification_targets([path], runtime.providers)
     results = []
-    for provider in runtime.providers:
+    for provider in providers:
         try:
             results.append(verify_on_provider(path, provider, feeds, expected))
         except ExportError:
@@ -439,9 +460,9 @@ def verify_file(
         rtol=rtol,
         atol=atol,
         runtime=f"{runtime.distribution} {runtime.version}",
-        providers=list(runtime.providers),
+        providers=providers,
         input_shapes=[list(t.shape) for t in feeds],
         results=results,
-        notes=notes + list(runtime.notes),
+        notes=notes + list(runtime.notes) + target_notes,
         seconds=time.perf_counter() - start,
     )

@@ -92,3 +92,21 @@ def _check_targets(targets: list[Path], force: bool) -> None:
     """:func:`destination.check_file` for each file the export writes (``--force`` replaces only ONNX models)."""
     for target in targets:
         destination.check_file(target, force=force)
+
+
+def write_ort_ops(out: Path, *, force: bool, as_json: bool) -> None:
+    """``attnres ort-ops``: the onnxruntime op library (``onnx.ort_ops``) copied to ``out`` for deployment."""
+    ort_ops = common.backend("onnx.ort_ops")
+    with output.step(f"Writing the onnxruntime op library to {out}"):
+        path = ort_ops.write_library(out, force=force)
+    payload = {
+        "library": str(path),
+        "domain": "attnres",
+        "ops": ["BlockAttnRes"],
+        "built_for": "this machine's CPU (-march=native)",
+        "usage": f"options.register_custom_ops_library({str(path)!r})",
+    }
+    if as_json:
+        output.emit_json(payload)
+        return
+    output.summary("onnxruntime op library", [(k.replace("_", " "), v) for k, v in payload.items()])

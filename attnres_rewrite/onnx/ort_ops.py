@@ -1,0 +1,420 @@
+"""The fused ``attnres.BlockAttnRes`` kernel for onnxruntime's CPU provider (a custom-op library).
+
+Why: standard ONNX has no fused op for an aggregation, so the inline form costs about
+16 nodes per aggregation and the function form, which onnxruntime inlines, about as
+many. At a small model's decode step a node costs its dispatch, not its arithmetic:
+a converted 64 x 4 Llama decoded at 1.2-1.3x the original's time per token. Registered
+with a session, this library runs each ``attnres.BlockAttnRes`` node of a function-form
+export (``export --function``) as one call of the fused CPU kernel of
+:mod:`attnres_rewrite.kernels.cpu_kernels` (one read per source, fp32 statistics)
+instead of the function's body. Decode then costs what the original's does
+(benchmarks/README.md, ``onnx.py``).
+
+The file stays portable: a runtime without the library inlines the function, which
+gives the same numbers to rounding (the export verifies both). The library registers a
+kernel for every pair of element types the function accepts (sources and output fp32,
+fp16, bf16 or fp64; query and key gain likewise): a node that no kernel fitted would
+fail the session instead of falling back on the body. fp64 sources run a plain fp64
+loop; the others the fused kernel. Files without ``attnres`` nodes run as before.
+
+How: the library is the CPU kernels' C++ source plus the glue below, built on first
+use with the system C++ compiler and cached like the CPU kernels. The glue speaks
+onnxruntime's C ABI directly: the ``OrtApi`` function table (whose slots never move
+once shipped) and the ``OrtCustomOp`` record of version 16, so no onnxruntime headers
+are needed (the pip wheels ship none). It needs onnxruntime >= 1.16. A node runs on
+one thread: at decode there are a few tokens per node, and onnxruntime's own thread
+pool is not reachable through these slots.
+
+Deploying elsewhere: :func:`write_library` copies the built library to a path of your
+choice; it is built with ``-march=native`` for this machine's CPU, so build it on (a
+machine like) the one that will run the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from ..errors import ExportError, OutputError
+from ..kernels import cpu_kernels
+from .function import DOMAIN
+
+#: The verification and session target "CPU provider with this library registered".
+FUSED_CPU = "CPUExecutionProvider+attnres"
+MIN_ONNXRUNTIME = (1, 16)
+
+_GLUE = r"""
+// ---- attnres.BlockAttnRes as an onnxruntime custom op (CPU execution provider) ----
+//
+// Appended to the CPU kernels' source (cpu_kernels.py): compute() calls
+// attnres_cpu_forward on the stacked sources (K, *tokens, d) in place, one pointer per
+// source row block. Only onnxruntime's ABI is declared here, by table slot and record
+// field; ort_ops.py's docstring says why that is enough.
+namespace ortop {
+
+using Status = void*;  // OrtStatus*: nullptr means success
+
+// onnxruntime's C API is a table of function pointers (OrtApi) that only ever grows:
+// a slot, once shipped, never moves. The op needs only slots of the version-1 table
+// (numbered in the order of that table in onnxruntime_c_api.cc, whose static_assert
+// pins ReleaseCustomOpDomain at 101), so any onnxruntime that accepts a custom op of
+// version 16 (below), i.e. >= 1.16, serves it.
+enum Slot : int {
+    kCreateStatus = 0,
+    kCreateCustomOpDomain = 26,
+    kCustomOpDomainAdd = 27,
+    kAddCustomOpDomain = 28,
+    kGetTensorMutableData = 51,
+    kGetTensorElementType = 60,
+    kGetDimensionsCount = 61,
+    kGetDimensions = 62,
+    kGetTensorTypeAndShape = 65,
+    kKernelInfoGetAttributeFloat = 85,
+    kKernelContextGetInput = 90,
+    kKernelContextGetOutput = 91,
+    kReleaseTensorTypeAndShapeInfo = 99,
+};
+
+struct Api {
+    const void* const* slots = nullptr;
+    template <typename F>
+    F at(Slot s) const { return reinterpret_cast<F>(slots[s]); }
+
+    Status error(const char* msg) const {  // ORT_INVALID_ARGUMENT = 2
+        return at<Status (*)(int, const char*)>(kCreateStatus)(2, msg);
+    }
+    Status input(void* ctx, size_t i, const void** out) const {
+        return at<Status (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(ctx, i, out);
+    }
+    Status output(void* ctx, size_t i, const int64_t* dims, size_t n, void** out) const {
+        return at<Status (*)(void*, size_t, const int64_t*, size_t, void**)>(kKernelContextGetOutput)(ctx, i, dims, n, out);
+    }
+    Status data(const void* value, void** out) const {
+        return at<Status (*)(const void*, void**)>(kGetTensorMutableData)(value, out);
+    }
+    // element type and shape of a tensor value
+    Status shape(const void* value, int* elem, std::vector<int64_t>& dims) const {
+        void* info = nullptr;
+        Status st = at<Status (*)(const void*, void**)>(kGetTensorTypeAndShape)(value, &info);
+        if (st) return st;
+        size_t n = 0;
+        st = at<Status (*)(const void*, int*)>(kGetTensorElementType)(info, elem);
+        if (!st) st = at<Status (*)(const void*, size_t*)>(kGetDimensionsCount)(info, &n);
+        if (!st) {
+            dims.resize(n);
+            st = at<Status (*)(const void*, int64_t*, size_t)>(kGetDimensions)(info, dims.data(), n);
+        }
+        at<void (*)(void*)>(kReleaseTensorTypeAndShapeInfo)(info);
+        return st;
+    }
+};
+
+// ONNX element types (TensorProto.DataType) and the kernels' dtype codes
+constexpr int kOnnxFloat = 1, kOnnxFloat16 = 10, kOnnxDouble = 11, kOnnxBFloat16 = 16;
+constexpr int kTypes[4] = {kOnnxFloat, kOnnxFloat16, kOnnxBFloat16, kOnnxDouble};
+
+int kernel_dtype(int onnx) { return onnx == kOnnxFloat ? 0 : onnx == kOnnxBFloat16 ? 1 : 2; }
+
+double to_double(const void* p, int64_t i, int onnx) {
+    if (onnx == kOnnxDouble) return static_cast<const double*>(p)[i];
+    if (onnx == kOnnxFloat) return static_cast<const float*>(p)[i];
+    const uint16_t h = static_cast<const uint16_t*>(p)[i];
+    if (onnx == kOnnxBFloat16) {
+        uint32_t bits = static_cast<uint32_t>(h) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    }
+    _Float16 x;
+    std::memcpy(&x, &h, 2);
+    return static_cast<float>(x);
+}
+
+// fp64 sources (which the fused kernels do not take): the same math in fp64, token by token.
+void forward_f64(const double* s, int64_t K, int64_t T, int64_t D, const std::vector<double>& u, double eps,
+                 double scale, double* out) {
+    std::vector<double> z(K);
+    for (int64_t t = 0; t < T; ++t) {
+        double top = -INFINITY, total = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            const double* v = s + (k * T + t) * D;
+            double sq = 0, dot = 0;
+            for (int64_t j = 0; j < D; ++j) {
+                sq += v[j] * v[j];
+                dot += v[j] * u[j];
+            }
+            z[k] = dot / std::sqrt(sq / D + eps);
+            top = z[k] > top ? z[k] : top;
+        }
+        for (int64_t k = 0; k < K; ++k) total += (z[k] = std::exp(z[k] - top));
+        double* o = out + t * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            const double* v = s + (k * T + t) * D;
+            const double w = scale * z[k] / total;
+            for (int64_t j = 0; j < D; ++j) o[j] += w * v[j];
+        }
+    }
+}
+
+// The layout of onnxruntime's OrtCustomOp up to version 16 (the fields a version-16 op
+// is read for), followed by this op's own data. Fields of later versions are never read.
+struct CustomOp {
+    uint32_t version;
+    void* (*CreateKernel)(const CustomOp*, const void*, const void*);
+    const char* (*GetName)(const CustomOp*);
+    const char* (*GetExecutionProviderType)(const CustomOp*);
+    int (*GetInputType)(const CustomOp*, size_t);
+    size_t (*GetInputTypeCount)(const CustomOp*);
+    int (*GetOutputType)(const CustomOp*, size_t);
+    size_t (*GetOutputTypeCount)(const CustomOp*);
+    void (*KernelCompute)(void*, void*);
+    void (*KernelDestroy)(void*);
+    int (*GetInputCharacteristic)(const CustomOp*, size_t);
+    int (*GetOutputCharacteristic)(const CustomOp*, size_t);
+    int (*GetInputMemoryType)(const CustomOp*, size_t);
+    int (*GetVariadicInputMinArity)(const CustomOp*);
+    int (*GetVariadicInputHomogeneity)(const CustomOp*);
+    int (*GetVariadicOutputMinArity)(const CustomOp*);
+    int (*GetVariadicOutputHomogeneity)(const CustomOp*);
+    Status (*CreateKernelV2)(const CustomOp*, const void*, const void*, void**);
+    Status (*KernelComputeV2)(void*, void*);
+    int elem, gain_elem;  // element types of this instance: the sources and output, the query and key gain
+};
+
+struct Kernel {  // immutable after creation: onnxruntime may run one kernel from several threads at once
+    Api api;
+    float eps, scale;
+};
+
+Status compute(void* k, void* ctx) {
+    const Kernel& kern = *static_cast<const Kernel*>(k);
+    const Api& api = kern.api;
+    const void* in[3];
+    std::vector<int64_t> dims[3];
+    int elem[3];
+    void* data[3];
+    for (size_t i = 0; i < 3; ++i) {
+        if (Status st = api.input(ctx, i, &in[i])) return st;
+        if (!in[i]) return api.error("attnres.BlockAttnRes: an input is missing");
+        if (Status st = api.shape(in[i], &elem[i], dims[i])) return st;
+        if (Status st = api.data(in[i], &data[i])) return st;
+    }
+    const std::vector<int64_t>& sd = dims[0];
+    if (sd.size() < 2) return api.error("attnres.BlockAttnRes: sources must be (K, *tokens, d)");
+    const int64_t K = sd[0], D = sd.back();
+    int64_t T = 1;
+    for (size_t i = 1; i + 1 < sd.size(); ++i) T *= sd[i];
+    for (int i = 1; i < 3; ++i) {
+        int64_t n = 1;
+        for (int64_t x : dims[i]) n *= x;
+        if (n != D) return api.error("attnres.BlockAttnRes: query and key_gain must have d elements (the sources' last dim)");
+    }
+    if (K < 1) return api.error("attnres.BlockAttnRes: no sources (K = 0)");
+    std::vector<int64_t> od(sd.begin() + 1, sd.end());
+    void* out_value = nullptr;
+    if (Status st = api.output(ctx, 0, od.data(), od.size(), &out_value)) return st;
+    void* out = nullptr;
+    if (Status st = api.data(out_value, &out)) return st;
+    if (T == 0 || D == 0) return nullptr;
+    if (elem[0] == kOnnxDouble) {
+        std::vector<double> u(D);
+        for (int64_t j = 0; j < D; ++j) u[j] = to_double(data[1], j, elem[1]) * to_double(data[2], j, elem[2]);
+        forward_f64(static_cast<const double*>(data[0]), K, T, D, u, kern.eps, kern.scale, static_cast<double*>(out));
+        return nullptr;
+    }
+    std::vector<float> q(D), g(D);
+    for (int64_t j = 0; j < D; ++j) {
+        q[j] = static_cast<float>(to_double(data[1], j, elem[1]));
+        g[j] = static_cast<float>(to_double(data[2], j, elem[2]));
+    }
+    const int64_t row = T * D * (elem[0] == kOnnxFloat ? 4 : 2);
+    std::vector<int64_t> ptrs(K);
+    for (int64_t i = 0; i < K; ++i) ptrs[i] = reinterpret_cast<int64_t>(static_cast<char*>(data[0]) + i * row);
+    attnres_cpu_forward(kernel_dtype(elem[0]), ptrs.data(), static_cast<int>(K), T, D, q.data(), g.data(), kern.eps,
+                        kern.scale, out, 1);
+    return nullptr;
+}
+
+Status create(const CustomOp*, const void* api_table, const void* info, void** out) {
+    auto* k = new Kernel();
+    k->api.slots = static_cast<const void* const*>(api_table);
+    auto attr = k->api.at<Status (*)(const void*, const char*, float*)>(kKernelInfoGetAttributeFloat);
+    Status st = attr(info, "eps", &k->eps);
+    if (!st) st = attr(info, "scale", &k->scale);
+    if (st) {
+        delete k;
+        return st;
+    }
+    *out = k;
+    return nullptr;
+}
+
+const char* name(const CustomOp*) { return "BlockAttnRes"; }
+const char* cpu(const CustomOp*) { return nullptr; }
+int input_type(const CustomOp* op, size_t i) { return i == 0 ? op->elem : op->gain_elem; }
+int output_type(const CustomOp* op, size_t) { return op->elem; }
+size_t three(const CustomOp*) { return 3; }
+size_t one(const CustomOp*) { return 1; }
+int required(const CustomOp*, size_t) { return 0; }
+int memory(const CustomOp*, size_t) { return 0; }
+int arity(const CustomOp*) { return 1; }
+int homogeneous(const CustomOp*) { return 1; }
+void destroy(void* k) { delete static_cast<Kernel*>(k); }
+
+CustomOp make(int elem, int gain_elem) {
+    CustomOp op{};
+    op.version = 16;
+    op.GetName = name;
+    op.GetExecutionProviderType = cpu;
+    op.GetInputType = input_type;
+    op.GetInputTypeCount = three;
+    op.GetOutputType = output_type;
+    op.GetOutputTypeCount = one;
+    op.KernelDestroy = destroy;
+    op.GetInputCharacteristic = required;
+    op.GetOutputCharacteristic = required;
+    op.GetInputMemoryType = memory;
+    op.GetVariadicInputMinArity = arity;
+    op.GetVariadicInputHomogeneity = homogeneous;
+    op.GetVariadicOutputMinArity = arity;
+    op.GetVariadicOutputHomogeneity = homogeneous;
+    op.CreateKernelV2 = create;
+    op.KernelComputeV2 = compute;
+    op.elem = elem;
+    op.gain_elem = gain_elem;
+    return op;
+}
+
+// One instance per type pair the function accepts (its TFloat x TGain): a node that no
+// registered kernel fits fails the session's type inference; it does not fall back on
+// the function's body.
+struct Ops {
+    CustomOp all[16];
+    Ops() {
+        for (int i = 0; i < 16; ++i) all[i] = make(kTypes[i / 4], kTypes[i % 4]);
+    }
+} ops;
+
+}  // namespace ortop
+
+extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* options, const void* api_base) {
+    using ortop::Api;
+    using ortop::Status;
+    auto get_api = reinterpret_cast<const void* const* (*)(uint32_t)>(static_cast<void* const*>(const_cast<void*>(api_base))[0]);
+    Api api;
+    api.slots = get_api(16);
+    if (!api.slots) {  // an onnxruntime older than 1.16: say so with the version-1 table
+        api.slots = get_api(1);
+        return api.slots ? api.error("attnres.BlockAttnRes needs onnxruntime >= 1.16") : nullptr;
+    }
+    void* domain = nullptr;
+    if (Status st = api.at<Status (*)(const char*, void**)>(ortop::kCreateCustomOpDomain)("attnres", &domain)) return st;
+    for (auto& op : ortop::ops.all)
+        if (Status st = api.at<Status (*)(void*, const void*)>(ortop::kCustomOpDomainAdd)(domain, &op)) return st;
+    return api.at<Status (*)(void*, void*)>(ortop::kAddCustomOpDomain)(options, domain);
+}
+"""
+
+
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def onnxruntime_version() -> tuple[int, int]:
+    import onnxruntime as ort
+
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in ort.__version__.split(".")[:2])
+    return major, minor
+
+
+def _build() -> Path | None:
+    if cpu_kernels.compiler() is None:
+        return None
+    return cpu_kernels.build_library(
+        cpu_kernels.SOURCE + _GLUE, "attnres_ort_ops", "onnxruntime runs the attnres function's body instead"
+    )
+
+
+def _library() -> Path | None:
+    if "path" not in _state:
+        with _lock:
+            if "path" not in _state:
+                _state["path"] = _build()
+    return _state["path"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the library cannot be used here, or None when it can."""
+    try:
+        version = onnxruntime_version()
+    except ImportError:
+        return "onnxruntime is not installed"
+    if version < MIN_ONNXRUNTIME:
+        return f"onnxruntime {'.'.join(map(str, version))} is older than 1.16"
+    if cpu_kernels.compiler() is None:
+        return "no C++ compiler (set $CXX, or install g++ or clang++)"
+    if _library() is None:
+        return "the C++ compiler failed on it (the log has the compiler's message)"
+    return None
+
+
+def available() -> bool:
+    """True when the library can be built (or is cached) and this onnxruntime can load it."""
+    return unavailable_reason() is None
+
+
+def library_path() -> Path:
+    """The built library (cached per source, compiler and CPU); :class:`ExportError` when it cannot be built."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ExportError(f"the attnres onnxruntime op library is unavailable: {reason}")
+    return _library()
+
+
+def register(options) -> Path:
+    """Register the library with an ``onnxruntime.SessionOptions``; returns its path.
+
+    Sessions created with ``options`` then run ``attnres.BlockAttnRes`` nodes on the
+    CPU provider with the fused kernel.
+    """
+    path = library_path()
+    options.register_custom_ops_library(str(path))
+    return path
+
+
+def has_attnres_nodes(path: str | Path) -> bool:
+    """Whether the ONNX file at ``path`` calls ops of the ``attnres`` domain in its main graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.domain == DOMAIN for node in model.graph.node)
+
+
+def cpu_target(path: str | Path) -> str:
+    """:data:`FUSED_CPU` for a file with ``attnres`` nodes where the library is available, else the CPU provider."""
+    return FUSED_CPU if has_attnres_nodes(path) and available() else "CPUExecutionProvider"
+
+
+def write_library(dest: str | Path, *, force: bool = False) -> Path:
+    """Copy the built library to ``dest`` (for deployment); written to a temporary file, then renamed."""
+    source = library_path()
+    dest = Path(dest)
+    if dest.is_dir():
+        raise OutputError(f"{dest} is a directory; give a file name such as {dest / 'libattnres_ort.so'}")
+    if dest.exists() and not force:
+        raise OutputError(f"{dest} exists; pass force=True (--force) to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
