@@ -164,6 +164,15 @@ def test_bad_shapes_raise_clear_errors(shape, d, message):
         _run(session, torch.randn(shape), torch.randn(d), torch.randn(d))
 
 
+def test_registering_twice_is_harmless():
+    """onnxruntime refuses options that carry the attnres domain twice; ``register`` adds it once."""
+    options = ort.SessionOptions()
+    assert ort_ops.register(options) == ort_ops.register(options)
+    session = ort.InferenceSession(_node_model(), options, providers=["CPUExecutionProvider"])
+    sources, query, gain = _inputs(2, (3,), 8, torch.float32)
+    assert _rel(_run(session, sources, query, gain), _reference(sources, query, gain, 1e-6, 1.0)) <= 2e-6
+
+
 def test_empty_tokens_give_an_empty_output():
     session = _session(_node_model())
     assert _run(session, torch.randn(3, 0, 8), torch.randn(8), torch.randn(8)).shape == (0, 8)

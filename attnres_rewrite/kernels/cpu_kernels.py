@@ -504,13 +504,14 @@ def _cache_dir() -> Path:
     return base / "attnres_rewrite" / "cpu_kernels"
 
 
-def build_library(source: str, stem: str, fallback: str) -> Path | None:
+def build_library(source: str, stem: str, fallback: str, extra_flags: Sequence[str] = ()) -> Path | None:
     """Compile ``source`` into a shared library cached under :func:`_cache_dir`; None without a compiler.
 
     The cache key covers the source, flags, compiler and CPU (``-march=native``), so a
     changed kernel or another machine never picks up a stale build. Also builds the
     onnxruntime op library (:mod:`attnres_rewrite.onnx.ort_ops`), which adds its glue to
-    ``SOURCE``. ``fallback`` ends the warning logged when the compiler fails.
+    ``SOURCE``. ``fallback`` ends the warning logged when the compiler fails;
+    ``extra_flags`` follow :data:`FLAGS`.
     """
     cxx = compiler()
     if cxx is None:
@@ -520,7 +521,8 @@ def build_library(source: str, stem: str, fallback: str) -> Path | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     # -march=native: the library is built for this CPU, so the CPU is part of its key
-    key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cxx, version, _cpu_id()]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256("\n".join([source, " ".join(flags), cxx, version, _cpu_id()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{stem}_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -528,7 +530,7 @@ def build_library(source: str, stem: str, fallback: str) -> Path | None:
             src = Path(tmp) / f"{stem}.cpp"
             src.write_text(source)
             out = Path(tmp) / target.name
-            done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 log.warning("attnres: building %s failed; %s:\n%s", stem, fallback, done.stderr[-2000:])
                 return None

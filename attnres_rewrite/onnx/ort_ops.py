@@ -15,7 +15,9 @@ gives the same numbers to rounding (the export verifies both). The library regis
 kernel for every pair of element types the function accepts (sources and output fp32,
 fp16, bf16 or fp64; query and key gain likewise): a node that no kernel fitted would
 fail the session instead of falling back on the body. fp64 sources run a plain fp64
-loop; the others the fused kernel. Files without ``attnres`` nodes run as before.
+loop (the body computes fp64 in fp32); the others the fused kernel. A call without
+sources is an error here (the body would return zeros); exports never make one. Files
+without ``attnres`` nodes run as before.
 
 How: the library is the CPU kernels' C++ source plus the glue below, built on first
 use with the system C++ compiler and cached like the CPU kernels. The glue speaks
@@ -53,6 +55,8 @@ _GLUE = r"""
 // attnres_cpu_forward on the stacked sources (K, *tokens, d) in place, one pointer per
 // source row block. Only onnxruntime's ABI is declared here, by table slot and record
 // field; ort_ops.py's docstring says why that is enough.
+#include <new>
+
 namespace ortop {
 
 using Status = void*;  // OrtStatus*: nullptr means success
@@ -76,6 +80,7 @@ enum Slot : int {
     kKernelContextGetInput = 90,
     kKernelContextGetOutput = 91,
     kReleaseTensorTypeAndShapeInfo = 99,
+    kReleaseCustomOpDomain = 101,
 };
 
 struct Api {
@@ -83,9 +88,11 @@ struct Api {
     template <typename F>
     F at(Slot s) const { return reinterpret_cast<F>(slots[s]); }
 
-    Status error(const char* msg) const {  // ORT_INVALID_ARGUMENT = 2
-        return at<Status (*)(int, const char*)>(kCreateStatus)(2, msg);
+    Status status(int code, const char* msg) const {
+        return at<Status (*)(int, const char*)>(kCreateStatus)(code, msg);
     }
+    Status error(const char* msg) const { return status(2, msg); }  // ORT_INVALID_ARGUMENT
+    Status failure(const char* msg) const { return status(1, msg); }  // ORT_FAIL
     Status input(void* ctx, size_t i, const void** out) const {
         return at<Status (*)(const void*, size_t, const void**)>(kKernelContextGetInput)(ctx, i, out);
     }
@@ -190,7 +197,7 @@ struct Kernel {  // immutable after creation: onnxruntime may run one kernel fro
     float eps, scale;
 };
 
-Status compute(void* k, void* ctx) {
+Status compute_unguarded(void* k, void* ctx) {
     const Kernel& kern = *static_cast<const Kernel*>(k);
     const Api& api = kern.api;
     const void* in[3];
@@ -214,6 +221,7 @@ Status compute(void* k, void* ctx) {
         if (n != D) return api.error("attnres.BlockAttnRes: query and key_gain must have d elements (the sources' last dim)");
     }
     if (K < 1) return api.error("attnres.BlockAttnRes: no sources (K = 0)");
+    if (K > (1 << 30)) return api.error("attnres.BlockAttnRes: more than 2^30 sources");
     std::vector<int64_t> od(sd.begin() + 1, sd.end());
     void* out_value = nullptr;
     if (Status st = api.output(ctx, 0, od.data(), od.size(), &out_value)) return st;
@@ -239,8 +247,18 @@ Status compute(void* k, void* ctx) {
     return nullptr;
 }
 
+// No C++ exception may cross into onnxruntime's frames: allocation failures become statuses.
+Status compute(void* k, void* ctx) {
+    try {
+        return compute_unguarded(k, ctx);
+    } catch (...) {
+        return static_cast<const Kernel*>(k)->api.failure("attnres.BlockAttnRes: out of memory");
+    }
+}
+
 Status create(const CustomOp*, const void* api_table, const void* info, void** out) {
-    auto* k = new Kernel();
+    Kernel* k = new (std::nothrow) Kernel();
+    if (!k) return Api{static_cast<const void* const*>(api_table)}.failure("attnres.BlockAttnRes: out of memory");
     k->api.slots = static_cast<const void* const*>(api_table);
     auto attr = k->api.at<Status (*)(const void*, const char*, float*)>(kKernelInfoGetAttributeFloat);
     Status st = attr(info, "eps", &k->eps);
@@ -313,9 +331,13 @@ extern "C" __attribute__((visibility("default"))) void* RegisterCustomOps(void* 
     }
     void* domain = nullptr;
     if (Status st = api.at<Status (*)(const char*, void**)>(ortop::kCreateCustomOpDomain)("attnres", &domain)) return st;
+    Status st = nullptr;
     for (auto& op : ortop::ops.all)
-        if (Status st = api.at<Status (*)(void*, const void*)>(ortop::kCustomOpDomainAdd)(domain, &op)) return st;
-    return api.at<Status (*)(void*, void*)>(ortop::kAddCustomOpDomain)(options, domain);
+        if (!st) st = api.at<Status (*)(void*, const void*)>(ortop::kCustomOpDomainAdd)(domain, &op);
+    if (!st) st = api.at<Status (*)(void*, void*)>(ortop::kAddCustomOpDomain)(options, domain);
+    // on success the options (and sessions made from them) use the domain for their lifetime: never released
+    if (st) api.at<void (*)(void*)>(ortop::kReleaseCustomOpDomain)(domain);
+    return st;
 }
 """
 
@@ -334,8 +356,13 @@ def onnxruntime_version() -> tuple[int, int]:
 def _build() -> Path | None:
     if cpu_kernels.compiler() is None:
         return None
+    # hidden symbols: onnxruntime needs RegisterCustomOps only, and the kernels' own entry points must not
+    # resolve to another loaded copy (the ctypes library of cpu_kernels) through the PLT
     return cpu_kernels.build_library(
-        cpu_kernels.SOURCE + _GLUE, "attnres_ort_ops", "onnxruntime runs the attnres function's body instead"
+        cpu_kernels.SOURCE + _GLUE,
+        "attnres_ort_ops",
+        "onnxruntime runs the attnres function's body instead",
+        extra_flags=("-fvisibility=hidden",),
     )
 
 
@@ -375,14 +402,24 @@ def library_path() -> Path:
     return _library()
 
 
+_REGISTERED = "attnres.ort_ops.registered"
+
+
 def register(options) -> Path:
     """Register the library with an ``onnxruntime.SessionOptions``; returns its path.
 
     Sessions created with ``options`` then run ``attnres.BlockAttnRes`` nodes on the
-    CPU provider with the fused kernel.
+    CPU provider with the fused kernel. Registering twice is harmless (onnxruntime
+    would refuse a session whose options carry the ``attnres`` domain twice).
     """
     path = library_path()
-    options.register_custom_ops_library(str(path))
+    try:
+        already = options.get_session_config_entry(_REGISTERED) == "1"
+    except RuntimeError:  # onnxruntime raises for a key that was never set
+        already = False
+    if not already:
+        options.register_custom_ops_library(str(path))
+        options.add_session_config_entry(_REGISTERED, "1")
     return path
 
 
