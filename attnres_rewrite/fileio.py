@@ -25,21 +25,24 @@ def _umask() -> int:
     return mask
 
 
-def apply_default_permissions(path: Path) -> None:
-    """Give ``path`` (and, for a directory, everything below it) the umask's usual modes."""
+def apply_default_permissions(path: Path, executable: bool = False) -> None:
+    """Give ``path`` (and, for a directory, everything below it) the umask's usual modes.
+
+    ``executable``: a file gets the modes a linker gives a program or shared library.
+    """
     mask = _umask()
     entries = [path, *path.rglob("*")] if path.is_dir() else [path]
     for entry in entries:
-        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+        entry.chmod((0o777 if entry.is_dir() or executable else 0o666) & ~mask)
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomic(path: Path, write: Callable[[str], None], executable: bool = False) -> None:
     """Call ``write(tmp_path)``, then rename the result onto ``path``; clean up on failure."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        apply_default_permissions(Path(tmp))
+        apply_default_permissions(Path(tmp), executable)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

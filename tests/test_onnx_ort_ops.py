@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from test_onnx_export import OneAggregation
 
 from attnres_rewrite import reference as R
 from attnres_rewrite.errors import ExportError, OutputError
@@ -198,31 +199,21 @@ def test_concurrent_runs_of_one_session_agree():
         np.testing.assert_array_equal(got[i], want[i])
 
 
-class _OneAggregation(torch.nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.query = torch.nn.Parameter(torch.randn(dim))
-        self.gain = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
-
-    def forward(self, *sources):
-        return torch.ops.attnres.block_attnres(list(sources), self.query, self.gain, 1e-6, 1.0)
-
-
 def test_function_form_export_is_verified_with_the_kernel_too(tmp_path):
     torch.manual_seed(0)
     sources = tuple(torch.randn(2, 5, 12) for _ in range(3))
-    report = export_onnx(_OneAggregation(12), sources, tmp_path / "f.onnx", as_function=True)
+    report = export_onnx(OneAggregation(12), sources, tmp_path / "f.onnx", as_function=True)
     assert report.providers == ["CPUExecutionProvider", ort_ops.FUSED_CPU]
     fused = [r for r in report.provider_results if r.provider == ort_ops.FUSED_CPU]
     assert len(fused) == 1 and fused[0].max_rel_diff <= 1e-5
-    inline = export_onnx(_OneAggregation(12), sources, tmp_path / "i.onnx")
+    inline = export_onnx(OneAggregation(12), sources, tmp_path / "i.onnx")
     assert inline.providers == ["CPUExecutionProvider"]  # no attnres nodes: nothing for the kernel to run
 
 
 def test_verification_says_when_the_kernel_could_not_be_checked(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = tmp_path / "f.onnx"
-    export_onnx(_OneAggregation(8), tuple(torch.randn(2, 3, 8) for _ in range(2)), path, as_function=True, verify=False)
+    export_onnx(OneAggregation(8), tuple(torch.randn(2, 3, 8) for _ in range(2)), path, as_function=True, verify=False)
     monkeypatch.setattr(ort_ops, "unavailable_reason", lambda: "no C++ compiler")
     targets, notes = vf.verification_targets([path], ["CPUExecutionProvider"])
     assert targets == ["CPUExecutionProvider"]

@@ -462,8 +462,12 @@ class StageModule(nn.Module):
         self._chunk = 0
         self._last = index == split.num_stages - 1
         self._fn = compile_graph(graph, f"stage{index}")
-        self.source = self._fn.source
         self.last_sent_bytes = 0
+
+    @property
+    def source(self) -> str:
+        """The stage's generated code."""
+        return self._fn.source
 
     def begin(self, chunk: int) -> None:
         """The schedule starts micro-batch ``chunk`` on this stage; a new step empties the rank's cache."""

@@ -21,6 +21,7 @@ Hugging Face cache loop in PyTorch (:func:`verify_steps`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,23 @@ def raise_on_mismatch(result: dict[str, Any], what: str, rtol: float, atol: floa
         )
 
 
+def verify_on_targets(
+    paths: list[Path], run: Callable[[str], dict[str, Any]], what: str, rtol: float, atol: float
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """``run(provider)`` (a ``verify_steps``) on each target of :func:`.verify.verification_targets` of ``paths``.
+
+    Raises :class:`VerificationError` at the first target that differs; else returns the
+    targets, their notes and every step record (each names its ``provider``).
+    """
+    targets, notes = _verify.verification_targets(paths, ["CPUExecutionProvider"])
+    records: list[dict[str, Any]] = []
+    for target in targets:
+        result = run(target)
+        raise_on_mismatch(result, f"{what} ({target})", rtol, atol)
+        records += result["steps"]
+    return targets, notes, records
+
+
 def export_decoder_with_past(
     model: nn.Module,
     path: str | Path,
@@ -378,11 +396,10 @@ def export_decoder_with_past(
     ]
 
     def verifier(report: ExportReport, staged: Path, input_dims: list) -> None:
-        targets, target_notes = _verify.verification_targets([staged], ["CPUExecutionProvider"])
-        results = [
-            verify_steps(staged, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=t) for t in targets
-        ]
-        records = [r for result in results for r in result["steps"]]
+        def run(target: str) -> dict[str, Any]:
+            return verify_steps(staged, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=target)
+
+        targets, target_notes, records = verify_on_targets([staged], run, "decoder with past", rtol, atol)
         report.verified = True
         report.rtol, report.atol = rtol, atol
         report.providers = targets
@@ -393,8 +410,6 @@ def export_decoder_with_past(
         report.max_rel_diff = max(
             r["max_abs_diff"] / r["reference_max_abs"] for r in records if r.get("reference_max_abs")
         )
-        for target, result in zip(targets, results):
-            raise_on_mismatch(result, f"decoder with past ({target})", rtol, atol)
 
     report = export_file(
         wrapper,

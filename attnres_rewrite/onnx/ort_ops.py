@@ -35,13 +35,12 @@ machine like) the one that will run the model.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 from ..errors import ExportError, OutputError
+from ..fileio import write_atomic
 from ..kernels import cpu_kernels
 from .function import DOMAIN
 
@@ -355,8 +354,6 @@ def onnxruntime_version() -> tuple[int, int]:
 
 
 def _build() -> Path | None:
-    if cpu_kernels.compiler() is None:
-        return None
     # hidden symbols: onnxruntime needs RegisterCustomOps only, and the kernels' own entry points must not
     # resolve to another loaded copy (the ctypes library of cpu_kernels) through the PLT
     return cpu_kernels.build_library(
@@ -446,13 +443,5 @@ def write_library(dest: str | Path, *, force: bool = False) -> Path:
     if dest.exists() and not force:
         raise OutputError(f"{dest} exists; pass force=True (--force) to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(dest, lambda tmp: shutil.copyfile(source, tmp), executable=True)
     return dest

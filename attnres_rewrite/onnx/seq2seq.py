@@ -51,7 +51,7 @@ from torch import nn
 from ..errors import ExportError
 from . import ort_ops
 from . import verify as _verify
-from .decoder import _cache_support, _returned_cache, raise_on_mismatch
+from .decoder import _cache_support, _returned_cache, verify_on_targets
 from .export import (
     ExportReport,
     IONames,
@@ -466,7 +466,7 @@ def verify_steps(
     failures: list[str] = []
     want_hidden = _encode(model, ids, mask)
     hidden = sessions.encode(ids.numpy(), mask.numpy())
-    record = {"file": ENCODER_FILE, "step": None, "input_length": prompt}
+    record = {"provider": provider, "file": ENCODER_FILE, "step": None, "input_length": prompt}
     records = [_compared(record, ["last_hidden_state"], [hidden], [want_hidden], rtol, atol, failures)]
     gen = torch.Generator().manual_seed(seed + 1)
     start = torch.full((batch, 1), decoder_start_token(model), dtype=torch.long)
@@ -480,6 +480,7 @@ def verify_steps(
         want_logits, cache = _reference_step(model, step_ids, mask, want_hidden, cache)
         want = [want_logits, *flat_presents(cache, with_encoder=not past)]
         record = {
+            "provider": provider,
             "file": DECODER_WITH_PAST_FILE if past else DECODER_FILE,
             "step": step,
             "past_length": int(past[0].shape[2]) if past else 0,
@@ -688,15 +689,13 @@ def _export_encoder(model, path: Path, runtime, rtol: float, atol: float, seed: 
 def _verify_chain(paths, model, runtime, rtol: float, atol: float, steps: int, seed: int) -> dict[str, Any]:
     """:func:`verify_steps` on the staged files; raise :class:`VerificationError` (nothing written) on a mismatch."""
     started = time.perf_counter()
-    targets, notes = _verify.verification_targets(list(paths.values()), ["CPUExecutionProvider"])
-    steps_of = []
-    for target in targets:
-        result = verify_steps(paths, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=target)
-        raise_on_mismatch(result, f"encoder-decoder ({target})", rtol, atol)
-        steps_of += [{"provider": target, **r} for r in result["steps"]]
+
+    def run(target: str) -> dict[str, Any]:
+        return verify_steps(paths, model, steps=steps, rtol=rtol, atol=atol, seed=seed, provider=target)
+
+    targets, notes, records = verify_on_targets(list(paths.values()), run, "encoder-decoder", rtol, atol)
     return {
-        **result,
-        "steps": steps_of,
+        "steps": records,
         "providers": targets,
         "target_notes": notes,
         "seconds": time.perf_counter() - started,

@@ -64,7 +64,6 @@ class Program:
     static_axes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     capture_seconds: float = 0.0
-    source: str = ""
     flat: fx.GraphModule | None = None  # the rewritten graph before outlining, for inspection and lowering
     outline: Outline | None = None  # the outlined graphs (top graph: pipeline stages are cut from it)
     compiled: dict = field(default_factory=dict)  # compiler -> the compiled top function
@@ -94,7 +93,6 @@ class Program:
             static_axes=static_axes,
             notes=[*notes, *outline.notes],
             capture_seconds=time.perf_counter() - started,
-            source=top.source,
             outline=outline,
         )
 
@@ -109,6 +107,11 @@ class Program:
                 return False
             raise
         return True
+
+    @property
+    def source(self) -> str:
+        """The top function's code (what tracebacks show)."""
+        return self.top.source
 
     def run(self, module: nn.Module, attnres: nn.Module, tensors: tuple[Tensor, ...]) -> Any:
         top = self.top

@@ -96,13 +96,13 @@ def _check_targets(targets: list[Path], force: bool) -> None:
 
 def write_ort_ops(out: Path, *, force: bool, as_json: bool) -> None:
     """``attnres ort-ops``: the onnxruntime op library (``onnx.ort_ops``) copied to ``out`` for deployment."""
-    ort_ops = common.backend("onnx.ort_ops")
+    ort_ops, function = common.backend("onnx.ort_ops"), common.backend("onnx.function")
     with output.step(f"Writing the onnxruntime op library to {out}"):
         path = ort_ops.write_library(out, force=force)
     payload = {
         "library": str(path),
-        "domain": "attnres",
-        "ops": ["BlockAttnRes"],
+        "domain": function.DOMAIN,
+        "ops": [function.FUNCTION_NAME],
         "built_for": "this machine's CPU (-march=native)",
         "usage": f"options.register_custom_ops_library({str(path)!r})",
     }
