@@ -197,19 +197,25 @@ def _trained(converted: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
 
 
 def _node_counts(paths: dict[str, Path]) -> dict:
-    """Nodes of the AttnRes part: inline (converted - original) and as the function (calls + one body)."""
+    """Nodes of the AttnRes part: inline (converted - original) and as functions (calls + each body).
+
+    With the functions the graph can have fewer nodes than the original's: each
+    ``BlockAttnResRMSNorm`` call also stands for the RMSNorm it feeds.
+    """
+    import collections
+
     import onnx
 
     protos = {k: onnx.load(str(p), load_external_data=False) for k, p in paths.items()}
     total = {k: len(m.graph.node) for k, m in protos.items()}
     function = protos["converted_function"]
-    calls = sum(1 for n in function.graph.node if n.domain == "attnres")
-    body = sum(len(f.node) for f in function.functions if f.domain == "attnres")
+    calls = collections.Counter(n.op_type for n in function.graph.node if n.domain == "attnres")
+    body = {f.name: len(f.node) for f in function.functions if f.domain == "attnres"}
     return {
         "graph_nodes": total,
         "attnres_inline_nodes": total["converted"] - total["original"],
         "attnres_function_graph_nodes": total["converted_function"] - total["original"],
-        "attnres_function_calls": calls,
+        "attnres_function_calls": dict(calls),
         "attnres_function_body_nodes": body,
     }
 

@@ -363,3 +363,22 @@ def test_convert_whole_model_writes_a_directory_load_converted_reads(tmp_path):
     (out / "notes.txt").unlink()
     again = ok_json(invoke("convert", "samples:gpt2", "-o", str(out), "--blocks", "3", "--force", "--json"))
     assert {p.name for p in out.iterdir()} == set(common.ADAPTER_FILES) | {"report.json"} == set(again["files"])
+
+
+def test_ort_ops_writes_a_library_that_runs_every_attnres_op(tmp_path):
+    """``attnres ort-ops``: the JSON names every op of the domain; the file registers with onnxruntime."""
+    from attnres_rewrite.onnx import ort_ops
+    from attnres_rewrite.onnx.function import FUNCTION_NAMES
+
+    ort = pytest.importorskip("onnxruntime")
+    if not ort_ops.available():
+        pytest.skip(f"no op library: {ort_ops.unavailable_reason()}")
+    dest = tmp_path / "lib" / "libattnres_ort.so"
+    payload = ok_json(invoke("ort-ops", "-o", str(dest), "--json"))
+    assert payload["library"] == str(dest) and payload["domain"] == "attnres"
+    assert payload["ops"] == list(FUNCTION_NAMES) and len(FUNCTION_NAMES) == 4
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(dest))
+    again = invoke("ort-ops", "-o", str(dest))
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert invoke("ort-ops", "-o", str(dest), "--force", "--json").exit_code == 0

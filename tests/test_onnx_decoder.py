@@ -8,6 +8,7 @@ tokens equal those of the *original* model's own ``generate`` (with its cache) i
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -19,8 +20,9 @@ import attnres_rewrite
 from attnres_rewrite.errors import ExportError
 from attnres_rewrite.onnx import export_decoder_with_past, generate_greedy, ort_ops
 from attnres_rewrite.onnx.decoder import compare_generation
+from attnres_rewrite.onnx.function import NORM_FUNCTION_NAME, PARTIAL_NORM_FUNCTION_NAME
 
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 T = pytest.importorskip("transformers")
 
 LAYERS = 2
@@ -64,6 +66,39 @@ def test_interface_uses_optimum_names_and_an_empty_first_past(exported):
     for provider in report.providers:  # prompt with an empty past, then decode steps, on each path
         assert [s["past_length"] for s in steps if s["provider"] == provider] == [0, 6, 7, 8]
     assert all(s["reference_max_abs"] > 0 and s["max_abs_diff"] <= 1e-4 * s["reference_max_abs"] for s in steps)
+
+
+def _runtime_ops(path, tmp_path, fused: bool) -> collections.Counter:
+    """Op types of the graph onnxruntime runs, after its own fusions (and inlining the functions it has no kernel for)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    if fused:
+        ort_ops.register(options)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node)
+
+
+def test_onnxruntime_runs_each_norm_as_one_node(exported, tmp_path):
+    """2 layers: 5 RMSNorms and 5 aggregations, each norm reading one aggregation.
+
+    The exporter writes ``rsqrt`` as ``Reciprocal(Sqrt)``, which onnxruntime's norm fusion
+    does not match: every norm stayed six nodes. Now each is one
+    ``SimplifiedLayerNormalization``, and in the function form each aggregation and its
+    norm are one ``BlockAttnRes[Partial]RMSNorm`` call, one kernel with the op library.
+    """
+    path, report, *_ = exported
+    norms = 2 * LAYERS + 1
+    saved = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    assert saved["Reciprocal"] == 0
+    fused = saved[NORM_FUNCTION_NAME] + saved[PARTIAL_NORM_FUNCTION_NAME]
+    assert fused == (norms if report.as_function else 0)
+    assert report.attnres_ops == norms
+    assert _runtime_ops(path, tmp_path, fused=False)["SimplifiedLayerNormalization"] == norms
+    if report.as_function and ort_ops.available():
+        ops = _runtime_ops(path, tmp_path, fused=True)
+        assert ops[NORM_FUNCTION_NAME] + ops[PARTIAL_NORM_FUNCTION_NAME] == norms
+        assert ops["SimplifiedLayerNormalization"] == 0
 
 
 def test_onnxruntime_greedy_tokens_equal_the_original_models_generate(exported):

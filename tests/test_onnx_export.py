@@ -170,15 +170,19 @@ def test_function_form_uses_attnres_domain_with_standard_body(stream_exports):
     _, exports = stream_exports
     path, report = exports[True]
     model = onnx.load(str(path))
-    assert report.onnx_functions == ["attnres.BlockAttnRes"]
-    (function,) = model.functions
-    assert (function.domain, function.name) == ("attnres", "BlockAttnRes")
-    assert {node.domain for node in function.node} == {""}  # only standard ops inside
+    # the calls whose other sources are stacked already take the last one apart (test_onnx_fusions.py)
+    assert report.onnx_functions == ["attnres.BlockAttnRes", "attnres.BlockAttnResPartial"]
+    functions = {f.name: f for f in model.functions}
+    assert {f.domain for f in model.functions} == {"attnres"}
+    assert {node.domain for node in functions["BlockAttnRes"].node} == {""}  # only standard ops inside
+    assert {(n.domain, n.op_type) for n in functions["BlockAttnResPartial"].node if n.domain} == {
+        ("attnres", "BlockAttnRes")
+    }
     calls = [n for n in model.graph.node if n.domain == "attnres"]
-    assert len(calls) == 5 and all(n.op_type == "BlockAttnRes" for n in calls)
+    assert len(calls) == 5 and {n.op_type for n in calls} == {"BlockAttnRes", "BlockAttnResPartial"}
     imports = {o.domain: o.version for o in model.opset_import}
     assert imports[""] == DEFAULT_OPSET and imports["attnres"] == 1
-    assert {o.domain: o.version for o in function.opset_import}[""] == DEFAULT_OPSET
+    assert all({o.domain: o.version for o in f.opset_import}[""] == DEFAULT_OPSET for f in model.functions)
 
 
 def test_inline_form_has_no_custom_domain(stream_exports):
@@ -594,7 +598,8 @@ def test_public_exporter_path_gives_the_same_model(tmp_path, monkeypatch):
     model = OneAggregation(8)
     sources = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     report = export_onnx(model, sources, tmp_path / "m.onnx", as_function=True)
-    assert report.onnx_functions == ["attnres.BlockAttnRes"] and report.max_rel_diff <= 1e-4
+    assert report.onnx_functions == ["attnres.BlockAttnRes", "attnres.BlockAttnResPartial"]
+    assert report.max_rel_diff <= 1e-4
     fresh = [torch.randn(4, 6, 8) for _ in range(2)]
     (got,) = _ort_run(tmp_path / "m.onnx", *fresh)
     assert _rel(got, R.attnres(fresh, model.query.detach(), model.gain.detach())) <= 1e-5

@@ -247,7 +247,7 @@ def ort_ops(
     json: o.Json = False,
     debug: o.Debug = False,
 ) -> None:
-    """Write the onnxruntime library that runs attnres.BlockAttnRes (export --function) as one fused CPU kernel."""
+    """Write the onnxruntime library that runs each attnres call (export --function) as one fused CPU kernel."""
     from .commands import exporting
 
     exporting.write_ort_ops(output, force=force, as_json=json)

@@ -3,7 +3,8 @@
 Pipeline: validate arguments (before any slow work, so a bad path or opset fails in
 milliseconds) -> ``torch.export`` (non-strict, dynamic batch/sequence) -> the dynamo
 ONNX exporter with our translations of ``torch.ops.attnres.*`` -> onnxscript optimiser
--> the ``attnres.BlockAttnRes`` function attached when asked for -> readable names for
+-> our fusions (:mod:`.fusions`: norms onnxruntime can fuse; an aggregation and its
+RMSNorm as one call) -> the ``attnres`` functions attached where called -> readable names for
 the dynamic axes -> save into a temporary directory next to the destination ->
 ``onnx.checker`` -> onnxruntime verification on new shapes -> ``os.replace`` into place
 (external data first, the model file last), so the destination either holds a
@@ -43,8 +44,9 @@ from torch.utils import _pytree as pytree
 from ..errors import ExportError, NotExportableError, VerificationError
 from ..passes.capture import dynamic_axes
 from ..passes.lower import count_ops
+from . import fusions
 from . import verify as _verify
-from .function import DOMAIN, DOMAIN_VERSION, function_ir
+from .function import DOMAIN, DOMAIN_VERSION, functions_ir
 from .runtime import Runtime, find_runtime
 from .traceable import traceable_experts
 from .translations import function_mode, translation_table
@@ -320,7 +322,7 @@ def _fix_function_opsets(model, opset: int) -> None:
     """Align the AttnRes function's default-domain opset with the model's.
 
     The function body is written against opset 18; every op it uses (Cast, CastLike,
-    Mul, Add, Sqrt, Reciprocal, MatMul, ReduceMean/ReduceSum, Unsqueeze, Softmax,
+    Mul, Div, Add, Pow, Sqrt, MatMul, ReduceMean/ReduceSum, Unsqueeze, Softmax,
     Concat, Constant) has the same semantics up to the newest supported opset, and
     runtimes want one version of a domain per model.
     """
@@ -499,8 +501,11 @@ def _torch_export(exported, opset, as_function, optimize, name: str = "the model
         # what torch.onnx.export(optimize=True) runs; our function is not attached yet, so
         # inlining the exporter's own helper functions leaves the AttnRes call nodes alone
         onnxscript.optimizer.optimize_ir(program.model)
-    if any(node.domain == DOMAIN for node in program.model.graph):
-        function = function_ir()
+        fusions.fuse_rmsnorm_calls(program.model.graph)
+        fusions.split_partial_sources(program.model.graph)
+        fusions.reciprocal_to_div(program.model.graph)
+    called = {node.op_type for node in program.model.graph if node.domain == DOMAIN}
+    for function in functions_ir(called):
         program.model.functions[function.identifier()] = function
     _fix_function_opsets(program.model, opset)
     return program
@@ -543,7 +548,9 @@ def export_onnx(
         dynamic: export batch and sequence axes as dynamic (``Dim.AUTO``: axes the model
             pins stay static, and the report says so).
         as_function: wrap every AttnRes aggregation in the ONNX local function
-            ``attnres.BlockAttnRes`` (body of standard ops) instead of inlining it.
+            ``attnres.BlockAttnRes`` (body of standard ops) instead of inlining it; an
+            aggregation read only by an RMSNorm becomes one ``attnres.BlockAttnResRMSNorm``
+            call with it (:mod:`.fusions`).
         verify: run the file in onnxruntime (CPU, plus CUDA when available) on inputs of
             a different batch and sequence length and compare with PyTorch; raise
             :class:`ExportError` with the numbers above tolerance.
@@ -554,7 +561,8 @@ def export_onnx(
         dynamic_shapes: explicit ``torch.export`` dynamic shapes, overriding ``dynamic``.
         rtol, atol: verification passes when ``max|onnx - torch| <= atol + rtol * max|torch|``
             for every output; ``rtol`` defaults by parameter dtype (1e-4 for fp32).
-        optimize: run the onnxscript optimiser (constant folding, dead-code removal).
+        optimize: run the onnxscript optimiser (constant folding, dead-code removal) and
+            our fusions (:mod:`.fusions`).
         seed: seed of the verification inputs.
         progress: called with a short description as each step starts (``"capture"``,
             ``"translate"``, ``"save"``, ``"check"``, ``"verify"``), for a CLI progress

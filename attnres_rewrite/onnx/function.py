@@ -19,6 +19,25 @@ Semantics (the op contract of docs/architecture.md), per token::
 
 Statistics are computed in fp32 (the body casts to FLOAT and back with ``CastLike``),
 so fp16/bf16 models keep fp32 logits as docs/spec.md requires.
+
+``attnres.BlockAttnResRMSNorm`` is an aggregation followed by the RMSNorm that reads
+it (the next sublayer's input norm, or the model's final norm): in a converted
+pre-norm model every aggregation's output feeds exactly one norm and nothing else.
+:mod:`.fusions` rewrites such pairs into one call, so a runtime with the fused kernel
+(:mod:`.ort_ops`) runs one node where it ran the call plus the norm's six or seven.
+Its body calls ``attnres.BlockAttnRes``, then normalises as Hugging Face's RMSNorm
+does: in fp32, cast back to the sources' type, times ``weight``::
+
+    h = BlockAttnRes(sources, query, key_gain)
+    out = weight * (h * rsqrt(mean(h^2) + norm_eps))
+
+``attnres.BlockAttnResPartial`` and ``attnres.BlockAttnResPartialRMSNorm`` take the
+last source apart: ``(sources, partial, ...)`` means the sources
+``concat(sources, partial[None])``. Within a block the completed blocks are the same
+for every sublayer and only the partial sum changes, so the completed blocks' stack is
+built once per block and shared; stacking the partial sum anew for each aggregation
+cost an ``Unsqueeze`` and a ``Concat`` per aggregation (:mod:`.fusions` makes these
+calls too).
 """
 
 from __future__ import annotations
@@ -33,6 +52,9 @@ from onnxscript import opset18 as op
 DOMAIN = "attnres"
 DOMAIN_VERSION = 1
 FUNCTION_NAME = "BlockAttnRes"
+NORM_FUNCTION_NAME = "BlockAttnResRMSNorm"
+PARTIAL_FUNCTION_NAME = "BlockAttnResPartial"
+PARTIAL_NORM_FUNCTION_NAME = "BlockAttnResPartialRMSNorm"
 
 attnres_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
@@ -58,24 +80,89 @@ def BlockAttnRes(sources: TFloat, query: TGain, key_gain: TGain, eps: float, sca
     # (1,), not a scalar: an optimiser that inlines the function would otherwise drop a tiny
     # eps as "+ 0" (see attnres_rewrite.onnx.translations)
     eps_t = op.Unsqueeze(op.Constant(value_float=eps), first)
-    inv_rms = op.Reciprocal(op.Sqrt(mean_sq + eps_t))
-    logits = op.MatMul(x, op.Unsqueeze(u, last)) * inv_rms
+    logits = op.MatMul(x, op.Unsqueeze(u, last)) / op.Sqrt(mean_sq + eps_t)
     alpha = op.Softmax(logits, axis=0)
     total = op.ReduceSum(alpha * x, first, keepdims=0)
     scale_t = op.Constant(value_float=scale)
     return op.CastLike(total * scale_t, sources)
 
 
-def function_proto():
-    """The ``onnx.FunctionProto`` of :func:`BlockAttnRes` (for tests and engine authors)."""
-    return BlockAttnRes.to_function_proto()
+@onnxscript.script(attnres_opset, default_opset=op)
+def BlockAttnResRMSNorm(
+    sources: TFloat, query: TGain, key_gain: TGain, weight: TFloat, eps: float, scale: float, norm_eps: float
+) -> TFloat:
+    """``weight * RMSNorm(BlockAttnRes(sources, query, key_gain))``, the norm in fp32.
+
+    ``weight`` is ``(d,)`` in the dtype of ``sources``; the output is ``(*tokens, d)``.
+    """
+    h = BlockAttnRes(sources, query, key_gain, eps=eps, scale=scale)
+    # written as the exporter writes Hugging Face's RMSNorm (Pow, then x / Sqrt): a runtime that
+    # inlines the function fuses it as it fuses the norms of an unconverted model
+    x = op.Cast(h, to=FLOAT.dtype)
+    mean_sq = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), op.Constant(value_ints=[-1]), keepdims=1)
+    eps_t = op.Unsqueeze(op.Constant(value_float=norm_eps), op.Constant(value_ints=[0]))
+    y = x / op.Sqrt(mean_sq + eps_t)
+    return op.Mul(weight, op.CastLike(y, h))
 
 
-def function_ir():
-    """The function as an ``onnx_ir.Function``, ready to add to an exported model."""
+@onnxscript.script(attnres_opset, default_opset=op)
+def BlockAttnResPartial(
+    sources: TFloat, partial: TFloat, query: TGain, key_gain: TGain, eps: float, scale: float
+) -> TFloat:
+    """:func:`BlockAttnRes` over ``sources`` (``(K - 1, *tokens, d)``) and ``partial`` (``(*tokens, d)``)."""
+    stacked = op.Concat(sources, op.Unsqueeze(partial, op.Constant(value_ints=[0])), axis=0)
+    return BlockAttnRes(stacked, query, key_gain, eps=eps, scale=scale)
+
+
+@onnxscript.script(attnres_opset, default_opset=op)
+def BlockAttnResPartialRMSNorm(
+    sources: TFloat,
+    partial: TFloat,
+    query: TGain,
+    key_gain: TGain,
+    weight: TFloat,
+    eps: float,
+    scale: float,
+    norm_eps: float,
+) -> TFloat:
+    """:func:`BlockAttnResRMSNorm` over ``sources`` (``(K - 1, *tokens, d)``) and ``partial`` (``(*tokens, d)``)."""
+    stacked = op.Concat(sources, op.Unsqueeze(partial, op.Constant(value_ints=[0])), axis=0)
+    return BlockAttnResRMSNorm(stacked, query, key_gain, weight, eps=eps, scale=scale, norm_eps=norm_eps)
+
+
+_SCRIPTS = {
+    FUNCTION_NAME: BlockAttnRes,
+    NORM_FUNCTION_NAME: BlockAttnResRMSNorm,
+    PARTIAL_FUNCTION_NAME: BlockAttnResPartial,
+    PARTIAL_NORM_FUNCTION_NAME: BlockAttnResPartialRMSNorm,
+}
+#: Every AttnRes function, in an order where each comes after the ones its body calls.
+FUNCTION_NAMES = tuple(_SCRIPTS)
+#: The functions each one calls directly.
+_CALLS = {
+    FUNCTION_NAME: (),
+    NORM_FUNCTION_NAME: (FUNCTION_NAME,),
+    PARTIAL_FUNCTION_NAME: (FUNCTION_NAME,),
+    PARTIAL_NORM_FUNCTION_NAME: (NORM_FUNCTION_NAME,),
+}
+
+
+def function_proto(name: str = FUNCTION_NAME):
+    """The ``onnx.FunctionProto`` of one AttnRes function (for tests and engine authors)."""
+    return _SCRIPTS[name].to_function_proto()
+
+
+def functions_ir(called: set[str]) -> list:
+    """The ``onnx_ir.Function``s a graph calling ``called`` needs (with the ones they call)."""
     import onnx_ir as ir
 
-    return ir.serde.deserialize_function(function_proto())
+    needed, todo = set(), list(called)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_CALLS[name])
+    return [ir.serde.deserialize_function(function_proto(name)) for name in FUNCTION_NAMES if name in needed]
 
 
 def _call_schema():

@@ -1,24 +1,27 @@
-"""The fused ``attnres.BlockAttnRes`` kernel for onnxruntime's CPU provider (a custom-op library).
+"""The fused ``attnres`` kernels for onnxruntime's CPU provider (a custom-op library).
 
 Why: standard ONNX has no fused op for an aggregation, so the inline form costs about
 16 nodes per aggregation and the function form, which onnxruntime inlines, about as
 many. At a small model's decode step a node costs its dispatch, not its arithmetic:
 a converted 64 x 4 Llama decoded at 1.2-1.3x the original's time per token. Registered
-with a session, this library runs each ``attnres.BlockAttnRes`` node of a function-form
-export (``export --function``) as one call of the fused CPU kernel of
+with a session, this library runs each call of a function-form export (``export
+--function``) as one call of the fused CPU kernel of
 :mod:`attnres_rewrite.kernels.cpu_kernels` (one read per source, fp32 statistics)
-instead of the function's body. A decode step then costs 1.01-1.02x the original's at
-d = 192 and 512, and 1.05-1.11x at 64 x 4, where onnxruntime's own cost per node
-dominates (benchmarks/README.md, ``onnx.py``).
+instead of the function's body: ``attnres.BlockAttnRes``,
+``attnres.BlockAttnResRMSNorm`` (the aggregation, then the RMSNorm reading it, on the
+output row while it is in cache) and their ``Partial`` forms (the last source as an
+input of its own); :mod:`.fusions` makes those calls. A decode step then costs
+0.96-0.99x the original's at d = 192 and 512 and about 1.03x at 64 x 4
+(benchmarks/README.md, ``onnx.py``).
 
-The file stays portable: a runtime without the library inlines the function, which
-gives the same numbers to rounding (the export verifies both). The library registers a
-kernel for every pair of element types the function accepts (sources and output fp32,
-fp16, bf16 or fp64; query and key gain likewise): a node that no kernel fitted would
-fail the session instead of falling back on the body. fp64 sources run a plain fp64
-loop (the body computes fp64 in fp32); the others the fused kernel. A call without
-sources is an error here (the body would return zeros); exports never make one. Files
-without ``attnres`` nodes run as before.
+The file stays portable: a runtime without the library inlines the functions, which
+give the same numbers to rounding (the export verifies both). The library registers a
+kernel for every pair of element types the functions accept (sources, output and norm
+weight fp32, fp16, bf16 or fp64; query and key gain likewise): a node that no kernel
+fitted would fail the session instead of falling back on the body. fp64 sources run a
+plain fp64 loop (the body computes fp64 in fp32); the others the fused kernel. A call
+without sources is an error here (the body would return zeros); exports never make
+one. Files without ``attnres`` nodes run as before.
 
 How: the library is the CPU kernels' C++ source plus the glue below, built on first
 use with the system C++ compiler and cached like the CPU kernels. The glue speaks
@@ -49,13 +52,15 @@ FUSED_CPU = "CPUExecutionProvider+attnres"
 MIN_ONNXRUNTIME = (1, 16)
 
 _GLUE = r"""
-// ---- attnres.BlockAttnRes as an onnxruntime custom op (CPU execution provider) ----
+// ---- the attnres functions as onnxruntime custom ops (CPU execution provider) ----
 //
 // Appended to the CPU kernels' source (cpu_kernels.py): compute() calls
 // attnres_cpu_forward on the stacked sources (K, *tokens, d) in place, one pointer per
-// source row block. Only onnxruntime's ABI is declared here, by table slot and record
-// field; ort_ops.py's docstring says why that is enough.
+// source row block (and one for a Partial op's last source), then (*RMSNorm ops)
+// normalises the output rows in place. Only onnxruntime's ABI is declared here, by
+// table slot and record field; ort_ops.py's docstring says why that is enough.
 #include <new>
+#include <string>
 
 namespace ortop {
 
@@ -140,14 +145,52 @@ double to_double(const void* p, int64_t i, int onnx) {
     return static_cast<float>(x);
 }
 
+// RMSNorm of each output row in place, as BlockAttnResRMSNorm's body does: statistics in fp32,
+// the normalised row rounded to the element type, then times the weight (one more rounding).
+template <int DT>
+void rms_norm_rows(typename Io<DT>::E* o, int64_t T, int64_t D, const typename Io<DT>::E* w, float eps) {
+    using IO = Io<DT>;
+    for (int64_t t = 0; t < T; ++t, o += D) {
+        vf s = {};
+        int64_t j = 0;
+        for (; j + W <= D; j += W) {
+            const vf x = IO::getv(o + j);
+            s += x * x;
+        }
+        if (j < D) {
+            const vf x = getv_part<DT>(o + j, D - j);
+            s += x * x;
+        }
+        const float inv = 1.0f / std::sqrt(hsum(s) / static_cast<float>(D) + eps);
+        for (j = 0; j + W <= D; j += W) {
+            IO::putv(o + j, IO::getv(o + j) * inv);
+            IO::putv(o + j, IO::getv(o + j) * IO::getv(w + j));
+        }
+        if (j < D) {
+            putv_part<DT>(o + j, D - j, getv_part<DT>(o + j, D - j) * inv);
+            putv_part<DT>(o + j, D - j, getv_part<DT>(o + j, D - j) * getv_part<DT>(w + j, D - j));
+        }
+    }
+}
+
+void rms_norm_f64(double* o, int64_t T, int64_t D, const double* w, double eps) {
+    for (int64_t t = 0; t < T; ++t, o += D) {
+        double sq = 0;
+        for (int64_t j = 0; j < D; ++j) sq += o[j] * o[j];
+        const double inv = 1.0 / std::sqrt(sq / D + eps);
+        for (int64_t j = 0; j < D; ++j) o[j] = w[j] * (o[j] * inv);
+    }
+}
+
 // fp64 sources (which the fused kernels do not take): the same math in fp64, token by token.
-void forward_f64(const double* s, int64_t K, int64_t T, int64_t D, const std::vector<double>& u, double eps,
-                 double scale, double* out) {
+void forward_f64(const std::vector<const double*>& s, int64_t T, int64_t D, const std::vector<double>& u,
+                 double eps, double scale, double* out) {
+    const int64_t K = static_cast<int64_t>(s.size());
     std::vector<double> z(K);
     for (int64_t t = 0; t < T; ++t) {
         double top = -INFINITY, total = 0;
         for (int64_t k = 0; k < K; ++k) {
-            const double* v = s + (k * T + t) * D;
+            const double* v = s[k] + t * D;
             double sq = 0, dot = 0;
             for (int64_t j = 0; j < D; ++j) {
                 sq += v[j] * v[j];
@@ -160,7 +203,7 @@ void forward_f64(const double* s, int64_t K, int64_t T, int64_t D, const std::ve
         double* o = out + t * D;
         for (int64_t j = 0; j < D; ++j) o[j] = 0;
         for (int64_t k = 0; k < K; ++k) {
-            const double* v = s + (k * T + t) * D;
+            const double* v = s[k] + t * D;
             const double w = scale * z[k] / total;
             for (int64_t j = 0; j < D; ++j) o[j] += w * v[j];
         }
@@ -189,61 +232,95 @@ struct CustomOp {
     int (*GetVariadicOutputHomogeneity)(const CustomOp*);
     Status (*CreateKernelV2)(const CustomOp*, const void*, const void*, void**);
     Status (*KernelComputeV2)(void*, void*);
-    int elem, gain_elem;  // element types of this instance: the sources and output, the query and key gain
+    int elem, gain_elem;  // element types of this instance: the sources, output and weight; the query and key gain
+    bool partial;         // the last source is an input of its own, after the stack (BlockAttnResPartial*)
+    bool norm;            // an RMSNorm of the output, with the norm's weight as the last input (*RMSNorm)
 };
+
+// The inputs of each op, in order: sources, [partial], query, key_gain, [weight].
+size_t input_count(bool partial, bool norm) { return 3 + partial + norm; }
 
 struct Kernel {  // immutable after creation: onnxruntime may run one kernel from several threads at once
     Api api;
-    float eps, scale;
+    float eps, scale, norm_eps;
+    bool partial, norm;
+    const char* name;
 };
+
+// "attnres.<op>: <what>" as an error status
+Status op_error(const Kernel& kern, const char* what) {
+    std::string msg = std::string("attnres.") + kern.name + ": " + what;
+    return kern.api.error(msg.c_str());
+}
 
 Status compute_unguarded(void* k, void* ctx) {
     const Kernel& kern = *static_cast<const Kernel*>(k);
     const Api& api = kern.api;
-    const void* in[3];
-    std::vector<int64_t> dims[3];
-    int elem[3];
-    void* data[3];
-    for (size_t i = 0; i < 3; ++i) {
+    const size_t inputs = input_count(kern.partial, kern.norm);
+    const void* in[5];
+    std::vector<int64_t> dims[5];
+    int elem[5];
+    void* data[5];
+    for (size_t i = 0; i < inputs; ++i) {
         if (Status st = api.input(ctx, i, &in[i])) return st;
-        if (!in[i]) return api.error("attnres.BlockAttnRes: an input is missing");
+        if (!in[i]) return op_error(kern, "an input is missing");
         if (Status st = api.shape(in[i], &elem[i], dims[i])) return st;
         if (Status st = api.data(in[i], &data[i])) return st;
     }
+    const size_t qi = kern.partial ? 2 : 1, gi = qi + 1, wi = gi + 1;
     const std::vector<int64_t>& sd = dims[0];
-    if (sd.size() < 2) return api.error("attnres.BlockAttnRes: sources must be (K, *tokens, d)");
-    const int64_t K = sd[0], D = sd.back();
+    if (sd.size() < 2) return op_error(kern, "sources must be (K, *tokens, d)");
+    const std::vector<int64_t> od(sd.begin() + 1, sd.end());  // one source: the output's shape
+    if (kern.partial && dims[1] != od) return op_error(kern, "partial must have the shape of one source");
+    const int64_t K = sd[0] + kern.partial, D = sd.back();
     int64_t T = 1;
     for (size_t i = 1; i + 1 < sd.size(); ++i) T *= sd[i];
-    for (int i = 1; i < 3; ++i) {
+    for (size_t i : {qi, gi, wi}) {
+        if (i >= inputs) continue;
         int64_t n = 1;
         for (int64_t x : dims[i]) n *= x;
-        if (n != D) return api.error("attnres.BlockAttnRes: query and key_gain must have d elements (the sources' last dim)");
+        const char* what = i == qi ? "query" : i == gi ? "key_gain" : "weight";
+        if (n != D) return op_error(kern, (std::string(what) + " must have d elements (the sources' last dim)").c_str());
     }
-    if (K < 1) return api.error("attnres.BlockAttnRes: no sources (K = 0)");
-    if (K > (1 << 30)) return api.error("attnres.BlockAttnRes: more than 2^30 sources");
-    std::vector<int64_t> od(sd.begin() + 1, sd.end());
+    if (K < 1) return op_error(kern, "no sources (K = 0)");
+    if (K > (1 << 30)) return op_error(kern, "more than 2^30 sources");
     void* out_value = nullptr;
     if (Status st = api.output(ctx, 0, od.data(), od.size(), &out_value)) return st;
     void* out = nullptr;
     if (Status st = api.data(out_value, &out)) return st;
     if (T == 0 || D == 0) return nullptr;
+    // one pointer per source: the rows of the stack, then the partial
+    const int64_t row = T * D * (elem[0] == kOnnxDouble ? 8 : elem[0] == kOnnxFloat ? 4 : 2);
+    std::vector<char*> src(K);
+    for (int64_t i = 0; i < sd[0]; ++i) src[i] = static_cast<char*>(data[0]) + i * row;
+    if (kern.partial) src[K - 1] = static_cast<char*>(data[1]);
     if (elem[0] == kOnnxDouble) {
         std::vector<double> u(D);
-        for (int64_t j = 0; j < D; ++j) u[j] = to_double(data[1], j, elem[1]) * to_double(data[2], j, elem[2]);
-        forward_f64(static_cast<const double*>(data[0]), K, T, D, u, kern.eps, kern.scale, static_cast<double*>(out));
+        for (int64_t j = 0; j < D; ++j) u[j] = to_double(data[qi], j, elem[qi]) * to_double(data[gi], j, elem[gi]);
+        std::vector<const double*> rows(K);
+        for (int64_t i = 0; i < K; ++i) rows[i] = reinterpret_cast<const double*>(src[i]);
+        forward_f64(rows, T, D, u, kern.eps, kern.scale, static_cast<double*>(out));
+        if (kern.norm)
+            rms_norm_f64(static_cast<double*>(out), T, D, static_cast<const double*>(data[wi]), kern.norm_eps);
         return nullptr;
     }
     std::vector<float> q(D), g(D);
     for (int64_t j = 0; j < D; ++j) {
-        q[j] = static_cast<float>(to_double(data[1], j, elem[1]));
-        g[j] = static_cast<float>(to_double(data[2], j, elem[2]));
+        q[j] = static_cast<float>(to_double(data[qi], j, elem[qi]));
+        g[j] = static_cast<float>(to_double(data[gi], j, elem[gi]));
     }
-    const int64_t row = T * D * (elem[0] == kOnnxFloat ? 4 : 2);
     std::vector<int64_t> ptrs(K);
-    for (int64_t i = 0; i < K; ++i) ptrs[i] = reinterpret_cast<int64_t>(static_cast<char*>(data[0]) + i * row);
+    for (int64_t i = 0; i < K; ++i) ptrs[i] = reinterpret_cast<int64_t>(src[i]);
     attnres_cpu_forward(kernel_dtype(elem[0]), ptrs.data(), static_cast<int>(K), T, D, q.data(), g.data(), kern.eps,
                         kern.scale, out, 1);
+    if (kern.norm) {
+        if (elem[0] == kOnnxFloat)
+            rms_norm_rows<0>(static_cast<float*>(out), T, D, static_cast<const float*>(data[wi]), kern.norm_eps);
+        else if (elem[0] == kOnnxBFloat16)
+            rms_norm_rows<1>(static_cast<uint16_t*>(out), T, D, static_cast<const uint16_t*>(data[wi]), kern.norm_eps);
+        else
+            rms_norm_rows<2>(static_cast<uint16_t*>(out), T, D, static_cast<const uint16_t*>(data[wi]), kern.norm_eps);
+    }
     return nullptr;
 }
 
@@ -252,17 +329,24 @@ Status compute(void* k, void* ctx) {
     try {
         return compute_unguarded(k, ctx);
     } catch (...) {
-        return static_cast<const Kernel*>(k)->api.failure("attnres.BlockAttnRes: out of memory");
+        return static_cast<const Kernel*>(k)->api.failure("attnres: out of memory");
     }
 }
 
-Status create(const CustomOp*, const void* api_table, const void* info, void** out) {
+// by 2 * partial + norm
+const char* kNames[4] = {"BlockAttnRes", "BlockAttnResRMSNorm", "BlockAttnResPartial", "BlockAttnResPartialRMSNorm"};
+
+Status create(const CustomOp* op, const void* api_table, const void* info, void** out) {
     Kernel* k = new (std::nothrow) Kernel();
-    if (!k) return Api{static_cast<const void* const*>(api_table)}.failure("attnres.BlockAttnRes: out of memory");
+    if (!k) return Api{static_cast<const void* const*>(api_table)}.failure("attnres: out of memory");
     k->api.slots = static_cast<const void* const*>(api_table);
+    k->partial = op->partial;
+    k->norm = op->norm;
+    k->name = kNames[2 * op->partial + op->norm];
     auto attr = k->api.at<Status (*)(const void*, const char*, float*)>(kKernelInfoGetAttributeFloat);
     Status st = attr(info, "eps", &k->eps);
     if (!st) st = attr(info, "scale", &k->scale);
+    if (!st && k->norm) st = attr(info, "norm_eps", &k->norm_eps);
     if (st) {
         delete k;
         return st;
@@ -271,11 +355,15 @@ Status create(const CustomOp*, const void* api_table, const void* info, void** o
     return nullptr;
 }
 
-const char* name(const CustomOp*) { return "BlockAttnRes"; }
+const char* name(const CustomOp* op) { return kNames[2 * op->partial + op->norm]; }
 const char* cpu(const CustomOp*) { return nullptr; }
-int input_type(const CustomOp* op, size_t i) { return i == 0 ? op->elem : op->gain_elem; }
+// query and key gain in the gain type; sources, partial and weight in the element type
+int input_type(const CustomOp* op, size_t i) {
+    const size_t qi = op->partial ? 2 : 1;
+    return i == qi || i == qi + 1 ? op->gain_elem : op->elem;
+}
 int output_type(const CustomOp* op, size_t) { return op->elem; }
-size_t three(const CustomOp*) { return 3; }
+size_t inputs(const CustomOp* op) { return input_count(op->partial, op->norm); }
 size_t one(const CustomOp*) { return 1; }
 int required(const CustomOp*, size_t) { return 0; }
 int memory(const CustomOp*, size_t) { return 0; }
@@ -283,13 +371,13 @@ int arity(const CustomOp*) { return 1; }
 int homogeneous(const CustomOp*) { return 1; }
 void destroy(void* k) { delete static_cast<Kernel*>(k); }
 
-CustomOp make(int elem, int gain_elem) {
+CustomOp make(int elem, int gain_elem, bool partial, bool norm) {
     CustomOp op{};
     op.version = 16;
     op.GetName = name;
     op.GetExecutionProviderType = cpu;
     op.GetInputType = input_type;
-    op.GetInputTypeCount = three;
+    op.GetInputTypeCount = inputs;
     op.GetOutputType = output_type;
     op.GetOutputTypeCount = one;
     op.KernelDestroy = destroy;
@@ -304,16 +392,18 @@ CustomOp make(int elem, int gain_elem) {
     op.KernelComputeV2 = compute;
     op.elem = elem;
     op.gain_elem = gain_elem;
+    op.partial = partial;
+    op.norm = norm;
     return op;
 }
 
-// One instance per type pair the function accepts (its TFloat x TGain): a node that no
-// registered kernel fits fails the session's type inference; it does not fall back on
-// the function's body.
+// One instance per op and type pair the functions accept (their TFloat x TGain): a node
+// that no registered kernel fits fails the session's type inference; it does not fall
+// back on the function's body.
 struct Ops {
-    CustomOp all[16];
+    CustomOp all[64];
     Ops() {
-        for (int i = 0; i < 16; ++i) all[i] = make(kTypes[i / 4], kTypes[i % 4]);
+        for (int i = 0; i < 64; ++i) all[i] = make(kTypes[i / 4 % 4], kTypes[i % 4], i / 32, i / 16 % 2);
     }
 } ops;
 

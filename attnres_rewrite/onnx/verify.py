@@ -396,7 +396,7 @@ def reference_run(
 
 def verification_targets(paths: Sequence[str | Any], providers: Sequence[str]) -> tuple[list[str], list[str]]:
     """The providers to verify ``paths`` on, and notes: ``providers``, plus the fused attnres kernel on CPU
-    (:data:`ort_ops.FUSED_CPU`) when a file calls ``attnres.BlockAttnRes`` (the function form).
+    (:data:`ort_ops.FUSED_CPU`) when a file calls ``attnres`` functions (the function form).
 
     Both paths of such a file are checked: the function's body (any onnxruntime) and the
     kernel that :func:`ort_ops.register` puts in its place. Where the library cannot be
@@ -407,9 +407,7 @@ def verification_targets(paths: Sequence[str | Any], providers: Sequence[str]) -
         return targets, []
     reason = ort_ops.unavailable_reason()
     if reason is not None:
-        return targets, [
-            f"attnres.BlockAttnRes was checked as the function's body only, not the fused kernel ({reason})"
-        ]
+        return targets, [f"the attnres functions were checked as their bodies only, not the fused kernels ({reason})"]
     return targets + [ort_ops.FUSED_CPU], []
 
 

@@ -102,7 +102,7 @@ def write_ort_ops(out: Path, *, force: bool, as_json: bool) -> None:
     payload = {
         "library": str(path),
         "domain": function.DOMAIN,
-        "ops": [function.FUNCTION_NAME],
+        "ops": list(function.FUNCTION_NAMES),
         "built_for": "this machine's CPU (-march=native)",
         "usage": f"options.register_custom_ops_library({str(path)!r})",
     }
