@@ -377,8 +377,22 @@ def test_ort_ops_writes_a_library_that_runs_every_attnres_op(tmp_path):
     payload = ok_json(invoke("ort-ops", "-o", str(dest), "--json"))
     assert payload["library"] == str(dest) and payload["domain"] == "attnres"
     assert payload["ops"] == list(FUNCTION_NAMES) and len(FUNCTION_NAMES) == 4
+    import numpy as np
+    import torch
+    from test_onnx_ort_ops import _inputs, _node_model, _reference, _rel, _run
+
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(dest))
+    for name in FUNCTION_NAMES:  # a one-node model of each op, which only a registered kernel can run
+        norm, partial = "RMSNorm" in name, "Partial" in name
+        model = _node_model(norm_eps=1e-6 if norm else None, partial=partial)
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        sources, query, gain = _inputs(3, (4,), 16, torch.float32)
+        got = _run(session, sources, query, gain, torch.ones(16) if norm else None, partial=partial)
+        if not norm:
+            assert _rel(got, _reference(sources, query, gain, 1e-6, 1.0)) <= 2e-6, name
+        else:
+            assert np.allclose(np.sqrt((got.astype(np.float64) ** 2).mean(-1)), 1.0, atol=1e-3), name
     again = invoke("ort-ops", "-o", str(dest))
     assert again.exit_code == 2 and "--force" in again.stderr
     assert invoke("ort-ops", "-o", str(dest), "--force", "--json").exit_code == 0

@@ -148,14 +148,20 @@ def _run_ir(model: ir.Model, feed: dict) -> list:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-def test_reciprocal_then_mul_becomes_div():
+def test_reciprocal_of_a_root_then_mul_becomes_div():
     model = _graph(
-        [helper.make_node("Reciprocal", ["b"], ["r"]), helper.make_node("Mul", ["a", "r"], ["y"])], ["a", "b"], ["y"]
+        [
+            helper.make_node("Sqrt", ["b"], ["s"]),
+            helper.make_node("Reciprocal", ["s"], ["r"]),
+            helper.make_node("Mul", ["a", "r"], ["y"]),
+        ],
+        ["a", "b"],
+        ["y"],
     )
     feed = {"a": np.array([1, 2, 3, 4], np.float32), "b": np.array([3, 5, 7, 0.5], np.float32)}
     before = _run_ir(model, feed)
     assert fusions.reciprocal_to_div(model.graph) == 1
-    assert [n.op_type for n in model.graph] == ["Div"]
+    assert [n.op_type for n in model.graph] == ["Sqrt", "Div"]
     assert model.graph.outputs[0].name == "y"
     np.testing.assert_allclose(_run_ir(model, feed)[0], before[0], rtol=1e-7)
 
@@ -163,7 +169,8 @@ def test_reciprocal_then_mul_becomes_div():
 def test_a_reciprocal_read_twice_is_kept():
     model = _graph(
         [
-            helper.make_node("Reciprocal", ["b"], ["r"]),
+            helper.make_node("Sqrt", ["b"], ["s"]),
+            helper.make_node("Reciprocal", ["s"], ["r"]),
             helper.make_node("Mul", ["a", "r"], ["y"]),
             helper.make_node("Add", ["r", "a"], ["z"]),
         ],
@@ -171,4 +178,124 @@ def test_a_reciprocal_read_twice_is_kept():
         ["y", "z"],
     )
     assert fusions.reciprocal_to_div(model.graph) == 0
-    assert [n.op_type for n in model.graph] == ["Reciprocal", "Mul", "Add"]
+    assert [n.op_type for n in model.graph] == ["Sqrt", "Reciprocal", "Mul", "Add"]
+
+
+def test_a_reciprocal_of_something_else_than_a_root_is_kept():
+    """``a / b`` can be finite where ``a * (1 / b)`` overflows: only ``1 / sqrt(.)`` is rewritten."""
+    model = _graph(
+        [helper.make_node("Reciprocal", ["b"], ["r"]), helper.make_node("Mul", ["a", "r"], ["y"])], ["a", "b"], ["y"]
+    )
+    assert fusions.reciprocal_to_div(model.graph) == 0
+
+
+# --------------------------------------------------------------------------------------
+# The patterns on hand-built graphs: what fuses, and near misses that must not
+
+
+def _norm_graph(*, keepdims=1, axis=-1, eps_shape=(), weight_len=8, cast=None, eps_is_input=False) -> ir.Model:
+    """``BlockAttnRes(s, q, g)`` read by an RMSNorm as the exporter writes it, with one thing changed."""
+    d = 8
+    floats = {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+              (("s", [3, 2, d]), ("q", [d]), ("g", [d]))}  # fmt: skip
+    inits = [
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        helper.make_tensor("axes", TensorProto.INT64, [1], [axis]),
+        helper.make_tensor("eps", TensorProto.FLOAT, list(eps_shape), [1e-5]),
+        helper.make_tensor("w", TensorProto.FLOAT, [weight_len], [1.5] * weight_len),
+    ]
+    x = "h"
+    nodes = [helper.make_node("BlockAttnRes", ["s", "q", "g"], ["h"], domain="attnres", eps=1e-6, scale=1.0)]
+    if cast is not None:
+        nodes.append(helper.make_node("Cast", ["h"], ["hc"], to=cast))
+        x = "hc"
+    nodes += [
+        helper.make_node("Pow", [x, "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=keepdims),
+        helper.make_node("Add", ["ms", "eps"], ["v"]),
+        helper.make_node("Sqrt", ["v"], ["root"]),
+        helper.make_node("Div", [x, "root"], ["n"]),
+        helper.make_node("Mul", ["w", "n"], ["y"]),
+    ]
+    inputs = [floats["s"], floats["q"], floats["g"]]
+    if eps_is_input:
+        inputs.append(helper.make_tensor_value_info("eps", TensorProto.FLOAT, list(eps_shape)))
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    call_out = [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, d])]  # no schema to infer it from
+    graph = helper.make_graph(nodes, "g", inputs, [out], initializer=inits, value_info=call_out)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("attnres", 1)]
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=opsets))
+    return ir.serde.deserialize_model(model)
+
+
+def test_the_exporters_rmsnorm_after_an_aggregation_fuses():
+    model = _norm_graph()
+    assert fusions.fuse_rmsnorm_calls(model.graph) == 1
+    (node,) = list(model.graph)
+    assert node.op_type == NORM_FUNCTION_NAME and node.attributes["norm_eps"].value == pytest.approx(1e-5)
+    assert node.inputs[3].name == "w" and model.graph.outputs[0].name == "y"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"keepdims": 0},  # (*, ) statistics would broadcast differently
+        {"axis": 0},  # a mean over another axis
+        {"eps_shape": (1, 1, 1)},  # eps that broadcasts the output to a higher rank
+        {"eps_is_input": True},  # an initializer the caller can override
+        {"weight_len": 1},  # a weight that broadcasts: the kernel takes (d,) only
+        {"cast": TensorProto.FLOAT16},  # statistics in another type than fp32
+    ],
+    ids=["keepdims-0", "axis-0", "eps-rank-3", "eps-graph-input", "weight-broadcast", "cast-fp16"],
+)
+def test_near_misses_of_the_rmsnorm_pattern_are_left_alone(change):
+    model = _norm_graph(**change)
+    before = [n.op_type for n in model.graph]
+    assert fusions.fuse_rmsnorm_calls(model.graph) == 0
+    assert [n.op_type for n in model.graph] == before
+
+
+def _stack_graph(*, concat_axis=0, unsqueeze_axis=0, shared_first=True) -> ir.Model:
+    """Two calls over [a, b] and [a, b, c]; the second can reuse the first's stack of [a, b]."""
+    vals = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8]) for n in "abc"]
+    gains = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8]) for n in "qg"]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("axis", TensorProto.INT64, [1], [unsqueeze_axis])]  # fmt: skip
+    unsq = [helper.make_node("Unsqueeze", ["a", "zero"], ["ua"]), helper.make_node("Unsqueeze", ["b", "zero"], ["ub"])]
+    unsq.append(helper.make_node("Unsqueeze", ["c", "axis"], ["uc"]))
+    first = [
+        helper.make_node("Concat", ["ua", "ub"], ["ab"], axis=0),
+        helper.make_node("BlockAttnRes", ["ab", "q", "g"], ["y1"], domain="attnres", eps=1e-6, scale=1.0),
+    ]
+    second = [
+        helper.make_node("Concat", ["ua", "ub", "uc"], ["abc"], axis=concat_axis),
+        helper.make_node("BlockAttnRes", ["abc", "q", "g"], ["y2"], domain="attnres", eps=1e-6, scale=1.0),
+    ]
+    nodes = unsq + (first + second if shared_first else second + first)
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y1", "y2")]
+    graph = helper.make_graph(nodes, "g", vals + gains, outs, initializer=inits)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("attnres", 1)]
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets))
+
+
+def test_a_call_reuses_an_earlier_stack_of_its_other_sources():
+    model = _stack_graph()
+    assert fusions.split_partial_sources(model.graph) == 1
+    calls = [n for n in model.graph if n.domain == "attnres"]
+    assert [n.op_type for n in calls] == ["BlockAttnRes", PARTIAL_FUNCTION_NAME]
+    assert calls[1].inputs[0] is calls[0].inputs[0] and calls[1].inputs[1].name == "c"
+    assert [n.op_type for n in model.graph].count("Concat") == 1  # the second stack and c's Unsqueeze are gone
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"concat_axis": 1}, {"unsqueeze_axis": 1}, {"shared_first": False}],
+    ids=["concat-axis-1", "unsqueeze-axis-1", "stack-after-the-call"],
+)
+def test_stacks_that_cannot_be_reused_are_left_alone(change):
+    """The second call keeps its own stack (the first, with one other source, may still split)."""
+    model = _stack_graph(**change)
+    fusions.split_partial_sources(model.graph)
+    (second,) = [n for n in model.graph if n.outputs[0].name == "y2"]
+    assert second.op_type == "BlockAttnRes" and second.inputs[0].producer().op_type == "Concat"
+    assert len(second.inputs[0].producer().inputs) == 3

@@ -2,10 +2,10 @@
 
 At a small model's decode step onnxruntime spends its time dispatching nodes (about
 1.7 us each on the CPU provider at d = 64), not computing them, so nodes are the cost.
-Both rewrites run after the onnxscript optimiser and keep the numbers to rounding
+The rewrites run after the onnxscript optimiser and keep the numbers to rounding
 (every export is verified in onnxruntime afterwards):
 
-* :func:`reciprocal_to_div`: ``Mul(a, Reciprocal(b))`` becomes ``Div(a, b)``. The
+* :func:`reciprocal_to_div`: ``Mul(a, Reciprocal(Sqrt(b)))`` becomes ``Div(a, Sqrt(b))``. The
   exporter writes ``torch.rsqrt`` as ``Reciprocal(Sqrt(.))``, and onnxruntime's
   RMSNorm fusion (``SimplifiedLayerNormalization``) matches only ``x / Sqrt(.)``: on
   Llama-style models every norm stayed six nodes. This applies to any model, converted
@@ -19,8 +19,9 @@ Both rewrites run after the onnxscript optimiser and keep the numbers to roundin
   that stack and its last source (the partial sum) apart, as
   ``attnres.BlockAttnResPartial[RMSNorm]``: no ``Unsqueeze`` and ``Concat`` per call.
 
-Both match exact patterns and leave anything else alone: a value read elsewhere (or a
-graph output) keeps the nodes that compute it.
+Each matches an exact pattern and leaves anything else alone: a value read elsewhere
+(or a graph output) keeps the nodes that compute it, and a constant must be one (an
+initializer that is also a graph input can be overridden at run time).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _only_consumer(value):
 
 def _const(value) -> list[float] | None:
     """The elements of a constant input (initializer or folded constant), or None."""
-    if value is None or value.const_value is None:
+    if value is None or value.const_value is None or value.is_graph_input():
         return None
     try:
         return [float(x) for x in value.const_value.numpy().reshape(-1)]
@@ -70,16 +71,22 @@ def _other(node, value):
 
 
 def reciprocal_to_div(graph) -> int:
-    """Rewrite ``Mul(a, Reciprocal(b))`` into ``Div(a, b)`` where the reciprocal has no other reader.
+    """Rewrite ``Mul(a, Reciprocal(Sqrt(b)))`` into ``Div(a, Sqrt(b))`` where the reciprocal has no other reader.
 
-    Returns the number of rewrites. ``a / b`` and ``a * (1 / b)`` differ by at most an
-    ulp; integer reciprocals do not exist in ONNX.
+    Returns the number of rewrites. ``a / s`` and ``a * (1 / s)`` differ by at most an
+    ulp while ``1 / s`` is finite, which a square root keeps it (``1 / s`` overflows
+    only for ``s`` below 1e-38, a square root of 1e-76; ``s = 0`` gives inf or NaN both
+    ways). Other reciprocals are left alone: there ``a / b`` can be finite where
+    ``a * (1 / b)`` is not.
     """
     import onnx_ir as ir
 
     count = 0
     for node in list(graph):
         if node.op_type != "Reciprocal" or node.domain != "":
+            continue
+        root = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if root is None or root.op_type != "Sqrt" or root.domain != "":
             continue
         mul = _only_consumer(node.outputs[0])
         if mul is None or mul.op_type != "Mul" or mul.domain != "":
@@ -126,6 +133,8 @@ def _match_rmsnorm(h) -> _RMSNorm | None:
     cast = _only_consumer(h)
     if cast is None or cast.op_type != "Cast":
         cast = None
+        if h.dtype != _FLOAT:  # a norm computing in fp16/bf16/fp64 itself: the fused one would use fp32
+            return None
     elif cast.attributes.get_int("to") != _FLOAT:
         return None
     x = h if cast is None else cast.outputs[0]
@@ -172,8 +181,11 @@ def _normalise(x) -> tuple[float, list] | None:
     add = _only_consumer(mean.outputs[0])
     if add is None or add.op_type != "Add":
         return None
-    eps = _const(_other(add, mean.outputs[0]))
-    if eps is None or len(eps) != 1 or not (math.isfinite(eps[0]) and eps[0] >= 0):
+    eps_value = _other(add, mean.outputs[0])
+    eps = _const(eps_value)
+    if eps is None or len(eps) != 1 or len(eps_value.const_value.shape) > 1:  # a scalar or (1,): no broadcast
+        return None
+    if not (math.isfinite(eps[0]) and eps[0] >= 0):
         return None
     sqrt = _only_consumer(add.outputs[0])
     if sqrt is None or sqrt.op_type != "Sqrt":
