@@ -6,8 +6,10 @@ Writes benchmarks/results/onnx.json. Not a test. For a Llama-style decoder
 
 * ``original``: the unconverted model;
 * ``converted``: Block AttnRes (``num_blocks`` blocks, ``paper`` mode), inline form;
-* ``converted_function``: the same, with each aggregation as the ``attnres.BlockAttnRes``
-  ONNX function (onnxruntime inlines functions when it loads a model);
+* ``converted_function``: the same, with each aggregation as an ``attnres`` ONNX function
+  call (``BlockAttnRes``, with the RMSNorm it feeds ``BlockAttnResRMSNorm``, and the
+  ``Partial`` forms; see ``attnres_rewrite.onnx.fusions``; onnxruntime inlines functions
+  when it loads a model);
 * ``converted_function_fused``: the ``converted_function`` file in a session with the
   attnres op library registered (``attnres_rewrite.onnx.ort_ops``): each call is one
   fused CPU kernel instead of the inlined body (skipped, with a note, where the library
@@ -25,8 +27,9 @@ after; absolute figures are then inflated, and only the interleaved ratios
 (``latency_vs_original``) are meaningful.
 
 It also counts the ONNX nodes of the AttnRes part: the graph nodes the conversion
-adds (converted minus original, inline form), and with the function the call nodes in
-the graph plus the nodes of the one ``attnres.BlockAttnRes`` body.
+adds (converted minus original, inline form), and with the functions the graph nodes
+against the original's (fewer: a call also stands for the norm it feeds), the calls of
+each function and the nodes of each body.
 
 ``decode`` (skipped with ``--no-decode``): per-token cost with the KV cache. The sample
 has no cache, so a Hugging Face ``LlamaForCausalLM`` of the sample's shape (same dim,
