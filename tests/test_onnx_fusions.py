@@ -25,8 +25,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from attnres_rewrite import reference as R
 from attnres_rewrite.onnx import export_onnx, fusions, ort_ops
 from attnres_rewrite.onnx.function import NORM_FUNCTION_NAME, PARTIAL_FUNCTION_NAME
+from attnres_rewrite.onnx.runtime import open_session
 
 ort = pytest.importorskip("onnxruntime")
+
+
+def _targets() -> list[str]:
+    """The function bodies, and the op library's kernels where it builds here."""
+    return ["CPUExecutionProvider", *([ort_ops.FUSED_CPU] if ort_ops.available() else [])]
 
 
 def _ops(path) -> collections.Counter:
@@ -79,13 +85,10 @@ def test_aggregation_and_its_rmsnorm_export_as_one_call(tmp_path, dtype):
     fresh = [torch.randn(3, 4, 24).to(dtype) * s for s in (0.5, 1.0, 3.0)]
     want = _reference(model, fresh)
     tol = 2e-6 if dtype == torch.float32 else 2e-3
-    for fused in (False, True) if ort_ops.available() else (False,):
-        options = ort.SessionOptions()
-        if fused:
-            ort_ops.register(options)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for target in _targets():
+        session = open_session(str(path), target)
         feed = {i.name: s.numpy() for i, s in zip(session.get_inputs(), fresh)}
-        assert _rel(session.run(None, feed)[0], want) <= tol, fused
+        assert _rel(session.run(None, feed)[0], want) <= tol, target
 
 
 def test_an_aggregation_read_elsewhere_is_not_fused(tmp_path):
@@ -125,12 +128,9 @@ def test_a_blocks_completed_sources_are_stacked_once(tmp_path):
         assert ort_ops.FUSED_CPU in report.providers
     fresh = torch.randint(0, 50, (3, 5))
     want = model(fresh)
-    for fused in (False, True) if ort_ops.available() else (False,):
-        options = ort.SessionOptions()
-        if fused:
-            ort_ops.register(options)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        assert _rel(session.run(None, {session.get_inputs()[0].name: fresh.numpy()})[0], want) <= 2e-6, fused
+    for target in _targets():
+        session = open_session(str(path), target)
+        assert _rel(session.run(None, {session.get_inputs()[0].name: fresh.numpy()})[0], want) <= 2e-6, target
 
 
 def _graph(nodes, inputs, outputs) -> ir.Model:

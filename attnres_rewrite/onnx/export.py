@@ -501,9 +501,7 @@ def _torch_export(exported, opset, as_function, optimize, name: str = "the model
         # what torch.onnx.export(optimize=True) runs; our function is not attached yet, so
         # inlining the exporter's own helper functions leaves the AttnRes call nodes alone
         onnxscript.optimizer.optimize_ir(program.model)
-        fusions.fuse_rmsnorm_calls(program.model.graph)
-        fusions.split_partial_sources(program.model.graph)
-        fusions.reciprocal_to_div(program.model.graph)
+        fusions.run(program.model.graph)
     called = {node.op_type for node in program.model.graph if node.domain == DOMAIN}
     for function in functions_ir(called):
         program.model.functions[function.identifier()] = function

@@ -138,13 +138,6 @@ _SCRIPTS = {
 }
 #: Every AttnRes function, in an order where each comes after the ones its body calls.
 FUNCTION_NAMES = tuple(_SCRIPTS)
-#: The functions each one calls directly.
-_CALLS = {
-    FUNCTION_NAME: (),
-    NORM_FUNCTION_NAME: (FUNCTION_NAME,),
-    PARTIAL_FUNCTION_NAME: (FUNCTION_NAME,),
-    PARTIAL_NORM_FUNCTION_NAME: (NORM_FUNCTION_NAME,),
-}
 
 
 def function_proto(name: str = FUNCTION_NAME):
@@ -156,13 +149,13 @@ def functions_ir(called: set[str]) -> list:
     """The ``onnx_ir.Function``s a graph calling ``called`` needs (with the ones they call)."""
     import onnx_ir as ir
 
-    needed, todo = set(), list(called)
-    while todo:
+    needed, todo = {}, list(called)
+    while todo:  # the called functions, and the ones their bodies call
         name = todo.pop()
         if name not in needed:
-            needed.add(name)
-            todo.extend(_CALLS[name])
-    return [ir.serde.deserialize_function(function_proto(name)) for name in FUNCTION_NAMES if name in needed]
+            needed[name] = function_proto(name)
+            todo.extend(n.op_type for n in needed[name].node if n.domain == DOMAIN)
+    return [ir.serde.deserialize_function(needed[name]) for name in FUNCTION_NAMES if name in needed]
 
 
 def _call_schema():

@@ -21,7 +21,8 @@ The rewrites run after the onnxscript optimiser and keep the numbers to rounding
 
 Each matches an exact pattern and leaves anything else alone: a value read elsewhere
 (or a graph output) keeps the nodes that compute it, and a constant must be one (an
-initializer that is also a graph input can be overridden at run time).
+initializer that is also a graph input can be overridden at run time). :func:`run`
+applies all three in the order they need.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ from .function import (
 _FLOAT = 1  # onnx TensorProto.FLOAT
 #: each function and its form with the last source passed apart
 _PARTIAL = {FUNCTION_NAME: PARTIAL_FUNCTION_NAME, NORM_FUNCTION_NAME: PARTIAL_NORM_FUNCTION_NAME}
+
+
+def run(graph) -> None:
+    """All three rewrites: the norms join their calls before the calls split off their last source
+    (which maps both call names), and ``reciprocal_to_div`` takes the norms left over."""
+    fuse_rmsnorm_calls(graph)
+    split_partial_sources(graph)
+    reciprocal_to_div(graph)
 
 
 def _only_consumer(value):
@@ -234,11 +243,7 @@ def fuse_rmsnorm_calls(graph) -> int:
         norm = _match_rmsnorm(call.outputs[0])
         if norm is None:
             continue
-        attributes = [
-            ir.AttrFloat32("eps", call.attributes["eps"].value),
-            ir.AttrFloat32("scale", call.attributes["scale"].value),
-            ir.AttrFloat32("norm_eps", norm.eps),
-        ]
+        attributes = [*_copied_attributes(call), ir.AttrFloat32("norm_eps", norm.eps)]
         fused = ir.Node(
             DOMAIN,
             NORM_FUNCTION_NAME,
@@ -253,14 +258,21 @@ def fuse_rmsnorm_calls(graph) -> int:
     return count
 
 
+def _copied_attributes(node) -> list:
+    import onnx_ir as ir
+
+    return [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+
+
 def _stacking(node) -> bool:
     return node is not None and node.op_type == "Concat" and node.domain == "" and node.attributes.get_int("axis") == 0
 
 
 def _split_candidate(call):
     """``(concat, unsqueeze)`` when ``call`` stacks its sources as ``Concat(..., Unsqueeze(v, [0]))``, else None."""
-    name = _PARTIAL.get(call.op_type) if call.domain == DOMAIN else None
-    concat = call.inputs[0].producer() if name is not None else None
+    if call.domain != DOMAIN or call.op_type not in _PARTIAL:
+        return None
+    concat = call.inputs[0].producer()
     if not _stacking(concat) or len(concat.inputs) < 2:
         return None
     last = concat.inputs[-1].producer()
@@ -297,9 +309,8 @@ def split_partial_sources(graph) -> int:
             value = stack.outputs[0]
         else:
             continue
-        attributes = [ir.Attr(a.name, a.type, a.value) for a in call.attributes.values()]
-        split = ir.Node(DOMAIN, _PARTIAL[call.op_type], [value, last.inputs[0], *call.inputs[1:]], attributes)
-        split.name = call.name
+        inputs = [value, last.inputs[0], *call.inputs[1:]]
+        split = ir.Node(DOMAIN, _PARTIAL[call.op_type], inputs, _copied_attributes(call), name=call.name)
         graph.insert_before(call, split)
         _take_over(call.outputs[0], split.outputs[0])
         graph.remove(call, safe=True)

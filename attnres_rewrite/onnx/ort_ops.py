@@ -335,6 +335,7 @@ Status compute(void* k, void* ctx) {
 
 // by 2 * partial + norm
 const char* kNames[4] = {"BlockAttnRes", "BlockAttnResRMSNorm", "BlockAttnResPartial", "BlockAttnResPartialRMSNorm"};
+const char* name(const CustomOp* op) { return kNames[2 * op->partial + op->norm]; }
 
 Status create(const CustomOp* op, const void* api_table, const void* info, void** out) {
     Kernel* k = new (std::nothrow) Kernel();
@@ -342,7 +343,7 @@ Status create(const CustomOp* op, const void* api_table, const void* info, void*
     k->api.slots = static_cast<const void* const*>(api_table);
     k->partial = op->partial;
     k->norm = op->norm;
-    k->name = kNames[2 * op->partial + op->norm];
+    k->name = name(op);
     auto attr = k->api.at<Status (*)(const void*, const char*, float*)>(kKernelInfoGetAttributeFloat);
     Status st = attr(info, "eps", &k->eps);
     if (!st) st = attr(info, "scale", &k->scale);
@@ -355,7 +356,6 @@ Status create(const CustomOp* op, const void* api_table, const void* info, void*
     return nullptr;
 }
 
-const char* name(const CustomOp* op) { return kNames[2 * op->partial + op->norm]; }
 const char* cpu(const CustomOp*) { return nullptr; }
 // query and key gain in the gain type; sources, partial and weight in the element type
 int input_type(const CustomOp* op, size_t i) {
