@@ -46,6 +46,25 @@ def test_gate_installed_triton(tmp_path):
     fused = [k for (name, case), k in kernels.items() if name == "_fused_fwd_kernel" and "d=7168" in case]
     assert fused and all(k["meta"]["VEC"] == 8 and k["meta"]["BT"] >= 2 for k in fused)
     assert all(k["accesses"]["ld"].get("128", 0) > 0 and k["accesses"]["scalar16"]["ld"] == 0 for k in fused)
+    # Phase 1 at S = 8 (split path): the 16-bit sources are read as 16-byte vectors and the
+    # source gradients written as such. The PTX counts widths, not element types: the
+    # forward kernels' only 128-bit load is the source tile; the backward stats kernel's
+    # grad_o tile (fp32) takes S_PAD * BT * BD / (threads * 4) of them, the source one
+    # more; the backward apply kernel's only 128-bit store is the gradient.
+    phase1 = [k for (_, case), k in kernels.items() if case.startswith("block_phase1") and "bfloat16" in case]
+    for k in phase1:
+        meta, acc = k["meta"], k["accesses"]
+        if k["kernel"] == "_fused_fwd_kernel":
+            continue
+        assert meta["VEC"] == 8 and meta["BT"] * meta["BD"] >= k["num_warps"] * 32 * 8, k
+        if k["kernel"] in ("_apply_fwd_kernel", "_stats_kernel") and meta.get("MODE", 1) == 1:
+            assert acc["ld"].get("128", 0) >= 1, k
+        elif k["kernel"] == "_stats_kernel":
+            grad_o = meta["S_PAD"] * meta["BT"] * meta["BD"] // (k["num_warps"] * 32 * 4)
+            assert acc["ld"].get("128", 0) >= grad_o + 1, k
+        else:
+            assert acc["st"].get("128", 0) >= 1, k
+    assert {k["kernel"] for k in phase1} >= {"_stats_kernel", "_apply_fwd_kernel", "_apply_bwd_kernel"}
     # d = 127 cannot be aligned: the scalar kernel is compiled (and allowed to be scalar)
     assert any(k["meta"].get("VEC") == 1 for k in report["kernels"])
     # every launch carries its modelled traffic
@@ -53,7 +72,8 @@ def test_gate_installed_triton(tmp_path):
 
 
 def test_gate_triton36(tmp_path):
-    """The GPU machine's Triton: the shapes it miscompiled with one-token tiles now compile cleanly."""
+    """The GPU machine's Triton: the shapes it miscompiled with one-token tiles now compile cleanly,
+    and phase 1's S = 8 vector tiles compile without spills there too."""
     install = os.environ.get("ATTNRES_GATE_TRITON36", "") not in ("", "0")
     found = SC.triton_target_dir(install=install)
     if found is None:
@@ -95,6 +115,22 @@ def test_cuda_launches_never_use_one_token_tiles(t, d):
             assert meta["BT"] >= 2, (op, name, meta)
             if "VEC" in meta:  # pointer-table kernels (phase 2 takes its tensors directly)
                 assert meta["VEC"] == (8 if d % 8 == 0 else 1), (op, name, meta)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("d", [2048, 4096, 7168])
+def test_phase1_split_tiles_give_every_thread_a_16_byte_vector(d, dtype):
+    """S = 8, 16-bit aligned sources: each split kernel's ``[BT, BD]`` source tile has at
+    least ``VEC`` elements per thread, so Triton's coalescing makes the source loads (and
+    the source-gradient stores) 128-bit; the token tiles keep ``u`` re-reads at the
+    traffic model's figure (forward and backward stats: 32 tokens on long sequences)."""
+    for op, t in [("block_phase1", 16384), ("block_phase1", 1), ("block_phase1_backward", 16384)]:
+        launches = [(n, m) for n, m in _launches(SC.Case(op, d, dtype, t=t, s=8)) if n != "_fused_fwd_kernel"]
+        assert len(launches) == 2, (op, launches)
+        for name, meta in launches:
+            assert meta["VEC"] == 8 and meta["BT"] * meta["BD"] >= meta["num_warps"] * 32 * 8, (op, t, name, meta)
+            if name == "_stats_kernel" and t > 1:
+                assert meta["BT"] == 32, (op, name, meta)
 
 
 def test_vec_needs_aligned_pointers_and_rows():

@@ -87,7 +87,8 @@ def _cases_for(d: int, dtype: str, decode: bool = True) -> list[Case]:
 
 def matrix(subset: str) -> list[Case]:
     """``full``: the issue's matrix; ``ci``: a representative part that compiles in ~20 s;
-    ``ci36``: the shapes Triton 3.6 miscompiled (one-token tiles), for a second Triton."""
+    ``ci36``: for a second Triton, the shapes Triton 3.6 miscompiled (one-token tiles) and
+    phase 1's S = 8 vector tiles (sized on both versions' register counts)."""
     if subset == "full":
         return [c for d in DIMS for dt in DTYPES for c in _cases_for(d, dt)]
     if subset == "ci":
@@ -103,6 +104,8 @@ def matrix(subset: str) -> list[Case]:
             Case("block_attnres", 7168, "bfloat16"),
             Case("block_attnres", 2048, "bfloat16", t=1),
             Case("block_attnres_backward", 2048, "bfloat16"),
+            Case("block_phase1", 7168, "bfloat16", s=S_QUERIES),
+            Case("block_phase1_backward", 7168, "bfloat16", s=S_QUERIES),
         ]
     raise ValueError(f"unknown subset {subset!r}")
 
@@ -366,7 +369,9 @@ def run(cases: list[Case], progress=None) -> dict:
             if key in kernels:
                 continue
             info = _analyse(compiled, log.getvalue())
-            info.update(kernel=name, meta=constexprs, num_warps=meta.get("num_warps"), compile_s=round(seconds, 2))
+            info.update(
+                kernel=name, key=key, meta=constexprs, num_warps=meta.get("num_warps"), compile_s=round(seconds, 2)
+            )
             info["first_case"] = case.name
             kernels[key] = info
             failures += _judge(case, name, constexprs, info)

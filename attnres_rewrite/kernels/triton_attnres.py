@@ -187,7 +187,18 @@ def _fused_config(s_pad: int, d: int, t: int) -> tuple[int, int, int] | None:
     return bt, bd, _warps(s_pad * bt * bd)
 
 
-def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None, budget: int = CHUNK_ELEMS) -> tuple[int, int, int]:
+def _chunk_config(
+    s_pad: int,
+    d: int,
+    t: int,
+    block_d: int | None,
+    budget: int = CHUNK_ELEMS,
+    *,
+    vec: int = 1,
+    warps: int = 8,
+    max_bt: int = CHUNK_MAX_BT,
+    max_bd: int = 512,
+) -> tuple[int, int, int]:
     """(BT, BD, num_warps) for the split kernels: token tiles first, then d-chunks up to 512.
 
     The stats kernel reads a ``[S, BD]`` chunk of ``u`` (fp32) per source and token tile,
@@ -196,6 +207,13 @@ def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None, budget: int =
     and the d-chunk shrinks to keep the ``[S_pad, BT, BD]`` tile within ``budget``
     (``CHUNK_ELEMS``; half of it for the backward stats kernel, which also holds a
     ``grad_out`` tile: the sm_90 gate found it spilling at the full budget).
+
+    At ``S_pad = 8`` with 16-bit, 16-byte aligned sources (``vec = 8``) that tile leaves
+    each thread 4 source elements (64-bit loads): :func:`_vector_tile` sizes it from
+    ``warps``, ``max_bt`` and ``max_bd`` instead, one 16-byte vector per thread. A
+    kernel that asks for narrow d-chunks (the backward's, ``max_bd``) gets them for
+    ``T >= max_bt`` only: fewer tokens keep the general rule's wider chunks (a short
+    d-loop for the few programs of a short sequence).
     """
     if _interpret():
         bd = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
@@ -205,12 +223,41 @@ def _chunk_config(s_pad: int, d: int, t: int, block_d: int | None, budget: int =
         while s_pad * bt * bd > (1 << 18) and bd > 16:
             bd //= 2
         return bt, bd, _warps(s_pad * bt * bd)
-    bt = min(max(_pow2(t), MIN_BT), CHUNK_MAX_BT)
     cap = min(_pow2(d), 512) if block_d is None else _pow2(block_d)
+    if s_pad == 8 and vec == 8 and (max_bd >= cap or t >= max_bt):
+        return _vector_tile(t, min(cap, max_bd), warps, max_bt)
+    bt = min(max(_pow2(t), MIN_BT), CHUNK_MAX_BT)
     bd = max(min(32, cap), min(cap, budget // (s_pad * bt)))  # BD = 16 tiles spilled (sm_90 gate)
     while s_pad * bt * bd > budget and bt > MIN_BT:
         bt //= 2
     return bt, bd, _warps(s_pad * bt * bd)
+
+
+def _vector_tile(t: int, cap: int, warps: int, max_bt: int) -> tuple[int, int, int]:
+    """(BT, BD, num_warps) of a split kernel at S_pad = 8 with 16-bit, 16-byte aligned sources.
+
+    Triton's coalescing gives a load ``min(16 bytes, elements / threads)`` per thread: the
+    general rule's ``[8, 32, 32]`` tile on 8 warps reads its ``[32, 32]`` source tile 4
+    elements (64 bits) at a time. Here ``BT * BD = warps * 32 * 8``: one 16-byte vector
+    of the source tile per thread (``ld.global.v4.b32``, and so are the source
+    gradients' stores), so ``8 * 8 = 64`` fp32 values per thread of the ``[8, BT, BD]``
+    tile. Token tile ``min(T, max_bt)``, the d-chunk fills the rest up to ``cap``;
+    fewer warps when the tile is still smaller (narrow rows). Sized by the sm_90 gate
+    (Triton 3.6 and 3.9, no spills):
+
+    * forward stats and apply: 8 warps, ``[8, 32, 64]`` (on 4 warps, ``[8, 32, 32]``,
+      Triton 3.6's ptxas spills the stats kernel at 64 registers); decode ``[8, 2, 512]``
+      on 4 warps;
+    * backward stats: 4 warps, ``[8, 32, 32]`` (it also holds a ``grad_o`` tile; wider
+      d-chunks took Triton 3.6 to 254-255 registers);
+    * backward apply: 4 warps, ``[8, 64, 16]``: it keeps its ``[8, BT, BD]`` ``grad_o``
+      tile, ``u`` and the ``grad u`` sum in registers across the sources, 168-240
+      registers; d-chunks of 32-128 took 243-255.
+    """
+    elems = warps * 32 * 8
+    bt = min(max(_pow2(t), MIN_BT), max_bt)
+    bd = min(cap, max(16, elems // bt))
+    return bt, bd, max(1, min(warps, bt * bd // (32 * 8)))
 
 
 def _vec(tensors: Sequence[Tensor], d: int) -> int:
@@ -579,13 +626,14 @@ def _apply_bwd_kernel(
             cg = tl.load(CG + i * KST + st, mask=stmask, other=0.0)
             cu = tl.load(CU + i * KST + st, mask=stmask, other=0.0)
             cv = tl.load(CV + i * T + t64, mask=tmask, other=0.0)
+            # grad u first: Triton 3.6 then needs ~70 fewer registers at S = 8 (sm_90 gate)
+            gu += tl.reduce(cu[:, :, None] * v[None, :, :], 1, _sum_combine)
             gv = (
                 tl.reduce(cg[:, :, None] * gc, 0, _sum_combine)
                 + tl.reduce(cu[:, :, None] * u[:, None, :], 0, _sum_combine)
                 + cv[:, None] * v
             )
             tl.store(dst + offs, gv.to(gfirst.dtype.element_ty), mask=mask2)
-            gu += tl.reduce(cu[:, :, None] * v[None, :, :], 1, _sum_combine)
     p_off = (g * S + s[:, None]).to(tl.int64) * D + dd[None, :]
     tl.store(partial + p_off, gu, mask=smask[:, None] & dmask[None, :])
 
@@ -936,7 +984,7 @@ def _forward(
             num_warps=nw,
         )
     else:
-        bt, bd, nw = _chunk_config(s_pad, d, t, block_d)
+        bt, bd, nw = _chunk_config(s_pad, d, t, block_d, vec=vec, warps=8)
         u = _u(queries, gains)
         z = torch.empty((len(srcs), s, t), dtype=torch.float32, device=dev)
         _launch(
@@ -977,7 +1025,8 @@ def _backward(
         for x in grads:
             x.zero_()
         return grads, torch.zeros_like(u)
-    bt, bd, nw = _chunk_config(s_pad, d, t, block_d, CHUNK_ELEMS // 2)
+    vec = min(_vec(srcs, d), _vec(grads, d))
+    bt, bd, nw = _chunk_config(s_pad, d, t, block_d, CHUNK_ELEMS // 2, vec=vec, warps=4, max_bd=32)
     # ptxas gives a 256-thread kernel 128 registers before it spills; the unvectorised
     # (VEC = 1) phase-1 backward stats kernel needs a little more (sm_90 gate): 4 warps.
     nw = min(nw, 4)
@@ -987,7 +1036,6 @@ def _backward(
     r = torch.empty((k, t), dtype=torch.float32, device=dev)
     dummy = z
     tab = _ptr_table(srcs, dev)
-    vec = min(_vec(srcs, d), _vec(grads, d))
     _launch(
         _stats_kernel, (triton.cdiv(t, bt),),
         tab, first, u, grads_in,
@@ -995,7 +1043,7 @@ def _backward(
         dummy if gm is None else gm, dummy if gl is None else gl,
         z, dg, r, k, t, d, s, eps, scale, S_PAD=s_pad, BT=bt, BD=bd, MODE=mode, VEC=vec, num_warps=nw,
     )  # fmt: skip
-    bt, bd, nw = _chunk_config(s_pad, d, t, block_d)  # the apply kernel has its own tiles
+    bt, bd, nw = _chunk_config(s_pad, d, t, block_d, vec=vec, warps=4, max_bt=64, max_bd=16)
     num_tiles = triton.cdiv(t, bt)
     chunks = triton.cdiv(d, bd)
     ng = _groups(num_tiles, chunks, dev)
