@@ -15,7 +15,12 @@ with the original of the same kind (compiled with ``original_inductor``, eager w
 ``original_eager``).
 
 Measured per variant: forward latency under ``no_grad`` and training-step time
-(forward, loss, backward, SGD step), as medians; training memory peak. On CUDA the
+(forward, loss, backward, SGD step), as medians; training memory peak. Overheads
+against the original come two ways: ``overhead_vs_original`` divides the variants'
+medians; ``paired_overhead_vs_original`` divides within each round (the variants run
+seconds apart) and gives the median, quartiles and range of those ratios: a drift of
+the host's speed over the run cancels in them, its call-to-call noise does not (many
+rounds of ``--iters 1`` narrow the median). On CUDA the
 peak is ``torch.cuda.max_memory_allocated`` over one step. On CPU (Linux) it is the
 growth of the resident set during one step: freed heap is returned to the OS
 (``malloc_trim``) and the high-water mark reset (``/proc/self/clear_refs``) first, so
@@ -146,13 +151,45 @@ class _Runner:
 
 
 def _measure_interleaved(runners: dict, device: str, rounds: int, iters: int) -> dict:
-    """Medians over rounds that alternate the variants, so load drift on a shared host hits all alike."""
+    """Per-round medians, in rounds that alternate the variants, so load drift on a shared host hits all alike."""
     times = {name: {"forward_ms": [], "train_step_ms": []} for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
             times[name]["forward_ms"].append(_median_ms(runner.forward, device, iters))
             times[name]["train_step_ms"].append(_median_ms(runner.step, device, iters))
-    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    return times
+
+
+PAIRS = (
+    ("converted_inductor", "original_inductor"),
+    ("converted_attnres", "original_inductor"),
+    ("converted_eager", "original_eager"),
+)
+
+
+def _paired_overheads(times: dict) -> dict:
+    """Each converted variant against its original, round by round: median, quartiles and range of the ratios - 1.
+
+    A round measures every variant within seconds, so a slow drift of the host's speed
+    cancels in a ratio within one round, where it does not in a ratio of medians over
+    the whole run (``overhead_vs_original``).
+    """
+    out = {}
+    for variant, original in PAIRS:
+        if variant not in times or original not in times:
+            continue
+        for key, mine in times[variant].items():
+            ratios = [a / b - 1.0 for a, b in zip(mine, times[original][key], strict=True)]
+            p25, _, p75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+            stats = {
+                "median": statistics.median(ratios),
+                "p25": p25,
+                "p75": p75,
+                "min": min(ratios),
+                "max": max(ratios),
+            }
+            out[f"{variant}.{key}"] = {k: round(v, 4) for k, v in stats.items()} | {"rounds": len(ratios)}
+    return out
 
 
 def _kernel_kind(name: str) -> str | None:
@@ -195,9 +232,7 @@ def _kernel_breakdown(runners: dict, rounds: int) -> dict:
 
 def _overheads(row: dict) -> dict:
     out = {}
-    pairs = [("converted_inductor", "original_inductor"), ("converted_attnres", "original_inductor")]
-    pairs.append(("converted_eager", "original_eager"))
-    for variant, original in pairs:
+    for variant, original in PAIRS:
         if variant not in row or original not in row:
             continue
         base = row[original]
@@ -220,14 +255,17 @@ def run_size(dim, layers, seq, args) -> dict:
         runners[variant] = _Runner(*_compiled(variant, model, converted), ids)
         row[variant] = {"compile_and_warm_up_s": round(runners[variant].warm_up(), 2)}
         print(f"  compiled {variant} in {row[variant]['compile_and_warm_up_s']} s", flush=True)
-    timings = _measure_interleaved(runners, args.device, args.rounds, args.iters)
+    times = _measure_interleaved(runners, args.device, args.rounds, args.iters)
     for variant, runner in runners.items():
-        row[variant].update(timings[variant], train_peak_bytes=_peak_bytes(runner.step, args.device))
+        medians = {key: statistics.median(values) for key, values in times[variant].items()}
+        row[variant].update(medians, train_peak_bytes=_peak_bytes(runner.step, args.device))
         print(f"  {variant}: {row[variant]}", flush=True)
     if args.kernel_breakdown:
         row["forward_kernel_ms"] = _kernel_breakdown(runners, args.kernel_breakdown)
         print(f"  forward kernel ms: {row['forward_kernel_ms']}", flush=True)
     row["overhead_vs_original"] = _overheads(row)
+    row["paired_overhead_vs_original"] = _paired_overheads(times)
+    print(f"  paired overhead (per-round ratios - 1): {row['paired_overhead_vs_original']}")
     return row
 
 
