@@ -412,3 +412,35 @@ def test_multi_program_grids(monkeypatch):
         g_o, g_m, g_l, g_p, g_q, g_g = TA.phase2_backward(go, o[0], m[0], l[0], p, qs[0], gs[0], EPS, 2.0, **path)
         for name, a, e in zip(("o", "m", "l", "partial", "query", "key_gain"), (g_o, g_m, g_l, g_p, g_q, g_g), gref):
             _check(a, e, F32, f"phase2 grad {name} {path}")
+
+
+@pytest.mark.parametrize("s,t,d", [(8, 70, 128), (5, 33, 64)])
+def test_phase1_vector_tiles_compute_like_the_reference(monkeypatch, s, t, d):
+    """The CUDA launchers' S_pad = 8 vector tiles (``_vector_tile``: ``[8, 32, 64]`` forward,
+    ``[8, 64, 16]`` backward apply), which the interpreter's own tile rule never picks: run
+    under the interpreter with the CUDA rule, several token tiles and d-chunks, 16-bit sources.
+    """
+    monkeypatch.setattr(TA, "_interpret", lambda: False)
+    launches = []
+    launch = TA._launch
+
+    def record(kernel, grid, *args, **meta):
+        launches.append((kernel.fn.__name__, meta))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(TA, "_launch", record)
+    dtype = BF16 if s == 8 else F16
+    srcs = _sources(3, t, d, dtype)
+    qs, gs = _params(d, dtype, rows=s)
+    rs, rqs, rgs = _f64(srcs), *_f64([qs, gs])
+    ro, rm, rl = R.phase1(rs, rqs, rgs, EPS)
+    gouts = [torch.randn_like(x.float()) for x in (ro, rm, rl)]
+    gref = torch.autograd.grad((ro, rm, rl), [*rs, rqs, rgs], [x.double() for x in gouts])
+    o, m, l = TA.phase1_forward(srcs, qs, gs, EPS, fused=False)  # noqa: E741
+    for a, e in zip((o, m, l), (ro, rm, rl)):
+        _check(a, e, dtype, "phase1 forward, CUDA tiles")
+    got = TA.phase1_backward(*gouts, srcs, qs, gs, o, m, l, EPS)
+    for a, e in zip([*got[0], got[1], got[2]], gref):
+        _check(a, e, dtype, "phase1 backward, CUDA tiles")
+    vector = [meta for name, meta in launches if meta["BT"] * meta["BD"] == meta["num_warps"] * 32 * 8]
+    assert len(launches) == 4 and len(vector) >= 3, launches  # T < 64: the backward apply keeps its own tile
