@@ -64,17 +64,14 @@ def markdown(result: dict) -> str:
     ]
     # every kernel a bf16 d = 7168 / 2048 launch uses, with the first such launch's case (a
     # kernel's own first case can be another d: phase 1's backward is first compiled at d = 64)
-    by_key = {k["key"]: k for k in first["kernels"] if "key" in k}
+    by_key = {k["key"]: k for k in first["kernels"]}
     rows = []
     for launch in first["launches"]:
         case = launch["case"]
         if "bfloat16" in case and (" d=7168 " in case or " d=2048 " in case):
-            k = by_key.pop(launch.get("key"), None)
+            k = by_key.pop(launch["key"], None)
             if k is not None:
                 rows.append((case, k))
-    if not rows:  # a JSON written before kernels carried their key
-        rows = [(k["first_case"], k) for k in first["kernels"]]
-        rows = [(c, k) for c, k in rows if "bfloat16" in c and (" d=7168 " in c or " d=2048 " in c)]
     for case, k in rows:
         meta = ", ".join(f"{a}={b}" for a, b in k["meta"].items())
         lines.append(
